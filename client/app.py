@@ -1,0 +1,145 @@
+"""The Flower ClientApp: take global weights, train locally under DP-SGD, reply with weights and metrics only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import datasets
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.config import ClientConfig
+from client.evaluate import evaluate
+from client.model import build_model, load_tokenizer, load_trainable_state, trainable_state
+from client.train import Encoded, encode, plan_round, projected_epsilon, train_round
+from privacy import History, epsilon_spent
+
+log = logging.getLogger("fedtune.client")
+
+# Returns this node's own examples (columns `text`, `label`) given its Flower node config.
+DataFn = Callable[[dict[str, Any]], datasets.Dataset]
+
+_STATE_KEY = "fedtune-privacy"  # Context.state entry holding this node's accountant history
+_ENCODED: dict[tuple, tuple[Encoded, Encoded]] = {}  # per-process cache: tokenise a node's data once
+
+
+def client_id(context: Context) -> int:
+    """The simulation partition id, else the node id: how results name this client."""
+    return int(context.node_config.get("partition-id", context.node_id))
+
+
+def _local_data(cfg: ClientConfig, data_fn: DataFn, node_config: dict[str, Any]) -> tuple[Encoded, Encoded]:
+    key = (data_fn, tuple(sorted(node_config.items())), cfg.model.name, cfg.model.max_length, cfg.train)
+    if key not in _ENCODED:
+        examples = data_fn(node_config)
+        tokenizer = load_tokenizer(cfg.model.name)
+        if cfg.train.eval_fraction > 0 and examples.num_rows >= 10:
+            split = examples.train_test_split(test_size=cfg.train.eval_fraction, seed=cfg.train.seed)
+            train, held = split["train"], split["test"]
+        else:
+            train, held = examples, examples.select([])
+        _ENCODED[key] = (encode(train, tokenizer, cfg.model.max_length), encode(held, tokenizer, cfg.model.max_length))
+    return _ENCODED[key]
+
+
+def load_history(context: Context) -> History:
+    """This node's DP-SGD steps so far in this run, in Opacus' accountant format."""
+    if _STATE_KEY not in context.state:
+        return []
+    rec = context.state[_STATE_KEY]
+    return list(zip(rec["noise"], rec["rate"], rec["steps"]))
+
+
+def save_history(context: Context, history: History) -> None:
+    context.state[_STATE_KEY] = ConfigRecord(
+        {"noise": [float(h[0]) for h in history], "rate": [float(h[1]) for h in history], "steps": [int(h[2]) for h in history]}
+    )
+
+
+def _reply(msg: Message, metrics: dict[str, Any], arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+def handle_train(
+    msg: Message, context: Context, cfg: ClientConfig, data_fn: DataFn, budgets: Mapping[int, float]
+) -> Message:
+    """One round: check the budget, train, and reply with trainable weights and aggregate metrics."""
+    cid = client_id(context)
+    budget = budgets.get(cid, cfg.privacy.budget)
+    config = msg.content["config"]
+    server_round, num_rounds = int(config["server-round"]), int(config["num-rounds"])
+    train, _ = _local_data(cfg, data_fn, dict(context.node_config))
+    history = load_history(context)
+    metrics: dict[str, Any] = {"client-id": cid, "dp": int(cfg.privacy.enabled), "declined": 0}
+    plan = None
+    if cfg.privacy.enabled:
+        plan = plan_round(len(train), cfg, num_rounds)
+        spent = epsilon_spent(history, cfg.privacy.delta, cfg.privacy.accountant)
+        after = projected_epsilon(history, plan, cfg)
+        metrics |= {
+            "delta": cfg.privacy.delta,
+            "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": plan.sample_rate,
+            "budget-epsilon": budget,
+        }
+        if after > budget:
+            log.warning(
+                "client %s declines round %s: epsilon would reach %.3f, over its budget %.3f",
+                cid, server_round, after, budget,
+            )
+            return _reply(msg, metrics | {"declined": 1, "num-examples": 0, "epsilon": spent, "steps": sum(h[2] for h in history)})
+    model = build_model(cfg.model, cfg.labels)
+    load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
+    outcome = train_round(
+        model,
+        train,
+        load_tokenizer(cfg.model.name),
+        cfg,
+        plan=plan,
+        history=history,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=cfg.train.seed * 100_003 + cid * 1_009 + server_round,
+    )
+    save_history(context, outcome.history)
+    metrics |= {"num-examples": len(train), "train-loss": outcome.mean_loss}
+    if cfg.privacy.enabled:
+        eps = epsilon_spent(outcome.history, cfg.privacy.delta, cfg.privacy.accountant)
+        metrics |= {"epsilon": eps, "steps": sum(h[2] for h in outcome.history)}
+        log.info("client %s round %s: epsilon %.3f of %.3f (delta %g, %s)", cid, server_round, eps,
+                 budget, cfg.privacy.delta, cfg.privacy.accountant)
+    return _reply(msg, metrics, ArrayRecord(trainable_state(model)))
+
+
+def handle_evaluate(msg: Message, context: Context, cfg: ClientConfig, data_fn: DataFn) -> Message:
+    """Evaluate the global model on this node's held-back local split; reply with metrics only."""
+    _, held = _local_data(cfg, data_fn, dict(context.node_config))
+    metrics: dict[str, Any] = {"client-id": client_id(context), "num-examples": len(held)}
+    if held:
+        model = build_model(cfg.model, cfg.labels)
+        load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
+        metrics |= evaluate(model, held, load_tokenizer(cfg.model.name), 64, cfg.train.torch_device())
+    return _reply(msg, metrics)
+
+
+def make_client_app(cfg: ClientConfig, data_fn: DataFn, budgets: Mapping[int, float] | None = None) -> ClientApp:
+    """The ClientApp for data holders whose examples `data_fn` loads on their own host.
+
+    `budgets` overrides the epsilon budget of individual clients (by client id).
+    """
+    app = ClientApp()
+    budgets = dict(budgets or {})
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, cfg, data_fn, budgets)
+
+    @app.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, cfg, data_fn)
+
+    return app

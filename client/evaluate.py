@@ -1,0 +1,48 @@
+"""Evaluate a classifier on encoded examples: loss, accuracy, macro-F1, per-class P/R, confusion matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from transformers import PreTrainedTokenizerBase
+
+from client.train import Encoded, forward, make_loader
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, data: Encoded, tokenizer: PreTrainedTokenizerBase, batch_size: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Labels, predictions and mean cross-entropy loss over `data`."""
+    model.to(device).eval()
+    labels, preds, loss_sum = [], [], 0.0
+    for batch in make_loader(data, tokenizer, batch_size, shuffle=False):
+        out = forward(model, batch, device)
+        loss_sum += float(out.loss) * batch["labels"].numel()
+        labels.append(batch["labels"].numpy())
+        preds.append(out.logits.argmax(-1).cpu().numpy())
+    y, p = np.concatenate(labels), np.concatenate(preds)
+    return y, p, loss_sum / len(y)
+
+
+def classification_metrics(y: np.ndarray, p: np.ndarray, num_labels: int) -> dict[str, float | list[float]]:
+    """Accuracy, macro-F1, per-class precision/recall and the confusion matrix (row-major counts)."""
+    ids = list(range(num_labels))
+    precision, recall, _, _ = precision_recall_fscore_support(y, p, labels=ids, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y, p)),
+        "macro-f1": float(f1_score(y, p, labels=ids, average="macro", zero_division=0)),
+        "precision": [float(v) for v in precision],
+        "recall": [float(v) for v in recall],
+        "confusion": [float(v) for v in confusion_matrix(y, p, labels=ids).ravel()],
+    }
+
+
+def evaluate(
+    model: torch.nn.Module, data: Encoded, tokenizer: PreTrainedTokenizerBase, batch_size: int, device: torch.device
+) -> dict[str, float | list[float]]:
+    """All evaluation metrics plus `loss` and `num-examples`."""
+    y, p, loss = predict(model, data, tokenizer, batch_size, device)
+    num_labels = getattr(getattr(model, "config", None), "num_labels", int(max(y.max(), p.max()) + 1))
+    return {"loss": loss, "num-examples": int(len(y)), **classification_metrics(y, p, num_labels)}

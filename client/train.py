@@ -1,0 +1,124 @@
+"""Local training: tokenise once, then one federated round of (DP-)SGD with dynamic padding."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from client.config import ClientConfig
+from privacy import History, calibrate_noise, epsilon_spent, make_private
+
+Encoded = list[dict[str, list[int] | int]]
+
+
+def encode(examples: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+    """Token ids per example (unpadded; batches are padded to their own longest row)."""
+    enc = tokenizer(list(examples["text"]), truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{**{k: enc[k][i] for k in keys}, "labels": label} for i, label in enumerate(list(examples["label"]))]
+
+
+def make_loader(data: Encoded, tokenizer: PreTrainedTokenizerBase, batch_size: int, shuffle: bool) -> DataLoader:
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
+
+
+def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device):
+    """Run the model with explicit, contiguous position ids (Opacus' BERT fix for full fine-tuning)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "position_ids" in inspect.signature(base.forward).parameters:
+        b, length = batch["input_ids"].shape
+        batch["position_ids"] = torch.arange(length, device=device).repeat(b, 1)
+    return model(**batch)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round of local DP-SGD costs: Opacus' sample rate and step count for this data."""
+
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+
+    def as_history(self) -> History:
+        return [(self.noise_multiplier, self.sample_rate, self.steps)]
+
+
+def plan_round(num_examples: int, cfg: ClientConfig, num_rounds: int) -> RoundPlan:
+    """Calibrate noise so that `num_rounds` rounds of local training spend the target epsilon."""
+    batches = math.ceil(num_examples / cfg.train.batch_size)
+    sample_rate, steps = 1.0 / batches, batches * cfg.train.local_epochs  # as Opacus' DPDataLoader does
+    noise = calibrate_noise(
+        cfg.privacy.target_epsilon, cfg.privacy.delta, sample_rate, steps * num_rounds, cfg.privacy.accountant
+    )
+    return RoundPlan(sample_rate=sample_rate, steps=steps, noise_multiplier=noise)
+
+
+def projected_epsilon(history: History, plan: RoundPlan, cfg: ClientConfig) -> float:
+    """Epsilon after one more round with `plan`, composed with everything already spent."""
+    return epsilon_spent(history + plan.as_history(), cfg.privacy.delta, cfg.privacy.accountant)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    history: History
+    mean_loss: float
+    steps: int
+
+
+def train_round(
+    model: torch.nn.Module,
+    data: Encoded,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: ClientConfig,
+    *,
+    plan: RoundPlan | None,
+    history: History,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> RoundOutcome:
+    """Train `model` in place for the configured local epochs; DP-SGD when `plan` is given."""
+    torch.manual_seed(seed)
+    device = cfg.train.torch_device()
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params]  # the global weights, for FedProx
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+    loader = make_loader(data, tokenizer, cfg.train.batch_size, shuffle=True)
+    runner, engine = model, None
+    if plan is not None:
+        runner, optimizer, loader, engine = make_private(
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            history=history,
+            accountant=cfg.privacy.accountant,
+        )
+    total_loss, seen, steps = 0.0, 0, 0
+    for _ in range(cfg.train.local_epochs):
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)
+            out = forward(runner, batch, device)
+            # Also for an empty Poisson batch: Opacus then takes the noise-only step the accounting assumes.
+            out.loss.backward()
+            optimizer.step()
+            steps += 1
+            if proximal_mu > 0:
+                # FedProx as a decoupled proximal step: a gradient term in the loss would be
+                # invisible to Opacus' per-sample gradients, and this step only uses public weights.
+                with torch.no_grad():
+                    for p, a in zip(params, anchor):
+                        p.sub_(cfg.train.learning_rate * proximal_mu * (p - a))
+            if n := batch["labels"].numel():
+                total_loss, seen = total_loss + float(out.loss.detach()) * n, seen + n
+    new_history = list(engine.accountant.history) if engine is not None else list(history)
+    return RoundOutcome(history=new_history, mean_loss=total_loss / max(seen, 1), steps=steps)

@@ -1,0 +1,1 @@
+"""fedtune's coordinator: the Flower ServerApp that samples clients, aggregates, evaluates and exports."""

@@ -1,0 +1,47 @@
+"""The coordinator's configuration: labels, model, rounds, strategy and where results go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client.model import ModelSpec
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+class CoordinatorConfigError(ValueError):
+    """A coordinator setting is invalid; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """How the federation runs; validated on construction."""
+
+    labels: tuple[str, ...]
+    out_dir: Path
+    model: ModelSpec = field(default_factory=ModelSpec)
+    num_rounds: int = 5
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_clients: int = 2
+    proximal_mu: float = 0.01  # FedProx only
+    server_learning_rate: float = 0.01  # FedAdam only (eta)
+    round_timeout: float = 3600.0
+    metadata: dict = field(default_factory=dict)  # extra facts recorded in results.json
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_rounds >= 1, f"rounds must be >= 1, got {self.num_rounds}"),
+            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
+            (0 < self.fraction_train <= 1, f"fraction of clients per round must be in (0, 1], got {self.fraction_train}"),
+            (0 <= self.fraction_evaluate <= 1, f"evaluate fraction must be in [0, 1], got {self.fraction_evaluate}"),
+            (self.min_clients >= 1, f"min clients must be >= 1, got {self.min_clients}"),
+            (self.proximal_mu >= 0, f"proximal mu must be >= 0, got {self.proximal_mu}"),
+            (self.server_learning_rate > 0, f"server learning rate must be > 0, got {self.server_learning_rate}"),
+            (self.round_timeout > 0, f"round timeout must be > 0, got {self.round_timeout}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CoordinatorConfigError(message)

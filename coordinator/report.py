@@ -1,0 +1,198 @@
+"""Record a run as it goes: per-round progress, then results.json, plots and a summary table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _record(metrics: Any) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in dict(metrics or {}).items()}
+
+
+class RunRecorder:
+    """Collects what the coordinator learns each round and writes the run folder at the end."""
+
+    def __init__(self, out_dir: Path, num_rounds: int, header: dict[str, Any], console: Console | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.header = header
+        self.console = console or Console(stderr=True)
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.started = time.time()
+        self._last = self.started
+        self.progress = Progress(
+            TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, transient=False,
+        )
+        self._task = self.progress.add_task("rounds", total=num_rounds)
+
+    def __enter__(self) -> RunRecorder:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def _round(self, server_round: int) -> dict[str, Any]:
+        return self.rounds.setdefault(server_round, {"round": server_round, "clients": {}})
+
+    def client_reports(self, server_round: int, reports: dict[int, dict[str, float]]) -> None:
+        """Sink for the strategy: every replying client's train metrics, privacy included."""
+        self._round(server_round)["clients"] = {str(cid): _record(r) for cid, r in sorted(reports.items())}
+
+    def global_evaluation(self, server_round: int, metrics: dict[str, Any]) -> None:
+        """Called after each round (and once before the first) with the central evaluation."""
+        entry = self._round(server_round)
+        entry["global"] = _record(metrics)
+        now = time.time()
+        entry["seconds"] = round(now - self._last, 3)
+        self._last = now
+        if server_round == 0:
+            return
+        eps = [c["epsilon"] for c in entry["clients"].values() if c.get("epsilon") is not None]
+        declined = [cid for cid, c in entry["clients"].items() if c.get("declined")]
+        parts = [f"round {server_round}"]
+        if "accuracy" in metrics:
+            parts.append(f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}")
+        if eps:
+            parts.append(f"epsilon max {max(eps):.3f}")
+        if declined:
+            parts.append(f"declined: clients {', '.join(declined)}")
+        parts.append(f"{entry['seconds']:.1f}s")
+        self.progress.console.log(" | ".join(parts))
+        self.progress.advance(self._task)
+
+    def merge_flower_history(self, train: dict[int, Any], federated_eval: dict[int, Any]) -> None:
+        """Add Flower's aggregated client-side metrics to each round's entry."""
+        for r, m in train.items():
+            self._round(r)["train"] = _record(m)
+        for r, m in federated_eval.items():
+            self._round(r)["federated_evaluation"] = _record(m)
+
+    def clients_summary(self) -> dict[str, dict[str, Any]]:
+        """Each client's latest epsilon, rounds trained and rounds declined."""
+        out: dict[str, dict[str, Any]] = {}
+        for r in sorted(self.rounds):
+            for cid, rep in self.rounds[r]["clients"].items():
+                c = out.setdefault(cid, {"rounds_trained": [], "rounds_declined": []})
+                (c["rounds_declined"] if rep.get("declined") else c["rounds_trained"]).append(r)
+                for key in ("epsilon", "delta", "budget-epsilon", "noise-multiplier", "sample-rate", "steps"):
+                    if key in rep:
+                        c[key.replace("-", "_")] = rep[key]
+        return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+    def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """Write results.json and the plots; print the summary; return the results."""
+        rounds = [self.rounds[r] for r in sorted(self.rounds)]
+        final = rounds[-1].get("global", {}) if rounds else {}
+        results = {
+            **self.header,
+            "rounds": rounds,
+            "clients": self.clients_summary(),
+            "final": final,
+            "wall_seconds": round(time.time() - self.started, 2),
+            **extra,
+        }
+        write_json_atomic(self.out_dir / "results.json", results)
+        plot_metrics(rounds, self.out_dir / "plots" / "metrics.png")
+        plot_epsilon(rounds, self.out_dir / "plots" / "epsilon.png")
+        self.print_summary(results)
+        return results
+
+    def print_summary(self, results: dict[str, Any]) -> None:
+        table = Table(title="global model, held-out split")
+        for col in ("round", "accuracy", "macro-F1", "loss"):
+            table.add_column(col, justify="right")
+        for r in results["rounds"]:
+            g = r.get("global", {})
+            if "accuracy" in g:
+                table.add_row(str(r["round"]), f"{g['accuracy']:.4f}", f"{g['macro-f1']:.4f}", f"{g['loss']:.4f}")
+        clients = Table(title="clients (privacy spent)")
+        for col in ("client", "epsilon", "delta", "budget", "rounds trained", "declined"):
+            clients.add_column(col, justify="right")
+        for cid, c in results["clients"].items():
+            eps = c.get("epsilon")
+            clients.add_row(
+                cid,
+                f"{eps:.3f}" if eps is not None else "no DP",
+                f"{c['delta']:g}" if "delta" in c else "-",
+                f"{c['budget_epsilon']:g}" if "budget_epsilon" in c else "-",
+                str(len(c["rounds_trained"])),
+                ", ".join(map(str, c["rounds_declined"])) or "-",
+            )
+        self.console.print(table)
+        self.console.print(clients)
+
+
+def plot_metrics(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy and loss of the global model per round (central and federated evaluation)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("global", "held-out (central)"), ("federated_evaluation", "clients' local splits")):
+        pts = [(r["round"], r[key]) for r in rounds if r.get(key, {}).get("accuracy") is not None]
+        if pts:
+            ax_acc.plot([p[0] for p in pts], [p[1]["accuracy"] for p in pts], marker="o", label=label)
+            ax_loss.plot([p[0] for p in pts], [p[1]["loss"] for p in pts], marker="o", label=label)
+    for ax, name in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+        ax.set_xlabel("round")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_acc.set_title("global model accuracy")
+    ax_loss.set_title("global model loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_epsilon(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Each client's cumulative epsilon per round; declined rounds marked with an x."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series: dict[str, list[tuple[int, float, bool]]] = {}
+    for r in rounds:
+        for cid, rep in r["clients"].items():
+            if rep.get("epsilon") is not None:
+                series.setdefault(cid, []).append((r["round"], rep["epsilon"], bool(rep.get("declined"))))
+    for cid, pts in sorted(series.items(), key=lambda kv: int(kv[0])):
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=f"client {cid}")
+        bad = [p for p in pts if p[2]]
+        if bad:
+            ax.scatter([p[0] for p in bad], [p[1] for p in bad], marker="x", s=60, color=line.get_color())
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent (cumulative)")
+    ax.set_title("privacy spent per client (x = declined)" if series else "no client trained with DP")
+    ax.grid(alpha=0.3)
+    if series and len(series) <= 20:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

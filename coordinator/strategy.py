@@ -1,0 +1,95 @@
+"""Strategies: Flower's FedAvg/FedProx/FedAdam, wrapped to track every client's privacy report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from coordinator.config import CoordinatorConfig
+
+ClientReport = dict[str, float]
+# Called once per round with each replying client's id and its train metrics (epsilon, declined, ...).
+ReportSink = Callable[[int, dict[int, ClientReport]], None]
+
+
+def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean training loss, and the largest epsilon any client has reached."""
+    metrics = [r["metrics"] for r in replies]
+    weights = np.array([m[weight_key] for m in metrics], dtype=float)
+    out = {"train-loss": float(np.average([m["train-loss"] for m in metrics], weights=weights))}
+    eps = [m["epsilon"] for m in metrics if "epsilon" in m]
+    return MetricRecord(out | ({"max-epsilon": float(max(eps))} if eps else {}))
+
+
+def aggregate_evaluate_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Pool the clients' confusion matrices, so accuracy and macro-F1 are those of all local examples."""
+    metrics = [r["metrics"] for r in replies if r["metrics"][weight_key] > 0]
+    if not metrics:
+        return MetricRecord({})
+    k = int(round(len(metrics[0]["confusion"]) ** 0.5))
+    confusion = np.sum([np.reshape(m["confusion"], (k, k)) for m in metrics], axis=0)
+    tp, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
+    f1 = np.divide(2 * tp, predicted + actual, out=np.zeros(k), where=(predicted + actual) > 0)
+    weights = [m[weight_key] for m in metrics]
+    return MetricRecord(
+        {
+            "loss": float(np.average([m["loss"] for m in metrics], weights=weights)),
+            "accuracy": float(tp.sum() / confusion.sum()),
+            "macro-f1": float(f1.mean()),
+            "num-examples": int(confusion.sum()),
+        }
+    )
+
+
+def build_strategy(cfg: CoordinatorConfig, num_available: int) -> Strategy:
+    """The configured Flower strategy; it waits for `num_available` clients before sampling."""
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=min(cfg.min_clients, num_available),
+        min_evaluate_nodes=min(cfg.min_clients, num_available) if cfg.fraction_evaluate > 0 else 0,
+        min_available_nodes=num_available,
+        train_metrics_aggr_fn=aggregate_train_metrics,
+        evaluate_metrics_aggr_fn=aggregate_evaluate_metrics,
+    )
+    if cfg.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "fedadam":
+        return FedAdam(**common, eta=cfg.server_learning_rate, eta_l=cfg.server_learning_rate)
+    return FedAvg(**common)
+
+
+class PrivacyTracking(Strategy):
+    """Wraps a strategy: records each client's privacy report and keeps declined clients out of aggregation."""
+
+    def __init__(self, inner: Strategy, sink: ReportSink) -> None:
+        self.inner = inner
+        self.sink = sink
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        self.sink(server_round, {int(m.content["metrics"]["client-id"]): dict(m.content["metrics"]) for m in ok})
+        # A declined client sends no weights; averaging it in would drag the model back.
+        kept = [m for m in replies if m.has_error() or not m.content["metrics"].get("declined", 0)]
+        if not any(not m.has_error() for m in kept):
+            return None, None  # nobody trained: keep the current global model
+        return self.inner.aggregate_train(server_round, kept)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)

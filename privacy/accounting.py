@@ -1,0 +1,54 @@
+"""Privacy accounting: calibrate DP-SGD noise to a budget and compute the epsilon of a training history."""
+
+from __future__ import annotations
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+# One entry per run of identical DP-SGD steps: (noise_multiplier, sample_rate, steps).
+# This is exactly Opacus' own accountant history format, so a saved history can be handed
+# back to any Opacus accountant and composition continues where it stopped.
+History = list[tuple[float, float, int]]
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+class PrivacyBudgetError(ValueError):
+    """The requested privacy budget cannot be met with the planned training."""
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+
+
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
+    """Return the smallest noise multiplier whose `steps` DP-SGD steps spend at most `target_epsilon`."""
+    _check_accountant(accountant)
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+            )
+        )
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        raise PrivacyBudgetError(
+            f"no noise level reaches epsilon={target_epsilon} (delta={delta}) over {steps} steps at "
+            f"sample rate {sample_rate:.4g}: raise the budget or train fewer rounds/epochs ({err})"
+        ) from err
+
+
+def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> float:
+    """Return epsilon (at `delta`) of the composition of every DP-SGD step in `history`."""
+    _check_accountant(accountant)
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(z), float(q), int(s)) for z, q, s in history]
+    return float(acc.get_epsilon(delta=delta))

@@ -1,0 +1,38 @@
+"""Attach Opacus DP-SGD to a model, optimizer and loader, continuing a client's accountant history."""
+
+from __future__ import annotations
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+
+from privacy.accounting import History
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    history: History,
+    accountant: str = "rdp",
+    grad_sample_mode: str = "hooks",
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
+    """Wrap for DP-SGD with Poisson sampling; `engine.accountant.history` then holds old + new steps."""
+    engine = PrivacyEngine(accountant=accountant)
+    # Start from what this data holder already spent, not from zero (Flower's example builds a
+    # fresh engine every round and so reports one round's epsilon as if it were the total).
+    engine.accountant.history = list(history)
+    model.train()  # Opacus needs train mode at wrap time; from_pretrained returns eval mode
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=grad_sample_mode,
+    )
+    return dp_model, dp_optimizer, dp_loader, engine

@@ -1,0 +1,1 @@
+"""fedtune's local simulation: many data holders on one machine, composed from client and coordinator."""

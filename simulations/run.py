@@ -1,0 +1,135 @@
+"""Compose client and coordinator into a Flower simulation (Ray backend) and run it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections import Counter
+from typing import Any
+
+from rich.console import Console
+from rich.panel import Panel
+
+from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
+from client.evaluate import evaluate
+from client.model import load_tokenizer
+from client.app import make_client_app
+from client.train import encode
+from coordinator.app import make_server_app
+from coordinator.config import CoordinatorConfig
+from simulations.config import SimulationConfig
+from simulations.datasets import DataSpec, PartitionData, split
+
+DP_OFF_WARNING = (
+    "DIFFERENTIAL PRIVACY IS OFF (--no-dp). Client updates carry no formal privacy guarantee; "
+    "do not use this setting with data that must stay private."
+)
+
+
+def client_config(cfg: SimulationConfig, labels: tuple[str, ...]) -> ClientConfig:
+    return ClientConfig(
+        labels=labels,
+        model=ModelSpec(name=cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, max_length=cfg.max_length),
+        privacy=PrivacySpec(
+            enabled=cfg.dp, target_epsilon=cfg.epsilon, delta=cfg.delta,
+            max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant,
+        ),
+        train=TrainSpec(
+            learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+            device=cfg.device, seed=cfg.seed,
+        ),
+    )
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    # Flower logs every message exchange at INFO and warns that run_simulation is deprecated in
+    # favour of `flwr run` (which needs a SuperLink process); fedtune shows its own progress instead.
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    warnings.filterwarnings("ignore", message=".*Opacus.*secure_mode.*")
+    warnings.filterwarnings("ignore", message=".*Using a non-full backward hook.*")
+    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+
+
+def simulate(cfg: SimulationConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run the federation described by `cfg`; returns the results written to its run folder."""
+    from flwr.simulation import run_simulation  # heavy import (Ray); only when a run starts
+
+    console = console or Console(stderr=True)
+    _quiet_libraries(cfg.verbose)
+    data_spec = DataSpec(
+        dataset=cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.labels,
+        test_fraction=cfg.test_fraction, partitioning=cfg.partitioning, alpha=cfg.alpha,
+        shards_per_client=cfg.shards_per_client, num_clients=cfg.num_clients, seed=cfg.seed,
+    )
+    pool, held_out, labels = split(data_spec)  # fails here, before any worker starts, on bad data
+    data_fn = PartitionData(data_spec)
+    sizes = data_fn.sizes()
+    ccfg = client_config(cfg, labels)
+    if not cfg.dp:
+        console.print(Panel(DP_OFF_WARNING, title="WARNING", style="bold red"))
+    tokenizer = load_tokenizer(cfg.model)
+    held_encoded = encode(held_out, tokenizer, cfg.max_length)
+    counts = Counter(held_out["label"])
+    majority, majority_count = counts.most_common(1)[0]
+    out_dir = cfg.run_dir()
+    metadata = {
+        "config": cfg.to_json(),
+        "privacy": {
+            "dp": cfg.dp,
+            "accountant": cfg.accountant if cfg.dp else None,
+            "target_epsilon": cfg.epsilon if cfg.dp else None,
+            "delta": cfg.delta if cfg.dp else None,
+            "max_grad_norm": cfg.max_grad_norm if cfg.dp else None,
+            **({} if cfg.dp else {"warning": DP_OFF_WARNING}),
+        },
+        "data": {
+            "dataset": cfg.dataset,
+            "pool_examples": len(pool),
+            "held_out_examples": len(held_out),
+            "partitioning": cfg.partitioning,
+            "partition_sizes": sizes,
+        },
+        "baseline": {"majority_class": labels[majority], "accuracy": majority_count / len(held_out)},
+    }
+    console.print(
+        f"fedtune: {cfg.num_clients} clients x {cfg.num_rounds} rounds, {cfg.partitioning} split "
+        f"({min(sizes)}-{max(sizes)} examples each), model {cfg.model} ({'LoRA' if cfg.lora else 'full'}), "
+        + (f"DP-SGD epsilon {cfg.epsilon} delta {cfg.delta} ({cfg.accountant})" if cfg.dp else "[bold red]no DP[/]")
+        + f" -> {out_dir}"
+    )
+    coord = CoordinatorConfig(
+        labels=labels,
+        out_dir=out_dir,
+        model=ccfg.model,
+        num_rounds=cfg.num_rounds,
+        strategy=cfg.strategy,
+        fraction_train=cfg.fraction,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_clients=min(2, cfg.num_clients),
+        proximal_mu=cfg.proximal_mu,
+        server_learning_rate=cfg.server_learning_rate,
+        metadata=metadata,
+    )
+    device = ccfg.train.torch_device()
+    server_app = make_server_app(
+        coord, cfg.num_clients, evaluator=lambda model: evaluate(model, held_encoded, tokenizer, 64, device)
+    )
+    client_app = make_client_app(ccfg, data_fn, cfg.client_budgets)
+    gpus = cfg.gpus_per_client if cfg.gpus_per_client > 0 else (0.5 if device.type == "cuda" else 0.0)
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": gpus},
+            "init_args": {"logging_level": "INFO" if cfg.verbose else "ERROR", "log_to_driver": True},
+        },
+        verbose_logging=cfg.verbose,
+    )
+    results_path = out_dir / "results.json"
+    if not results_path.exists():
+        raise RuntimeError(f"the simulation ended without writing {results_path}; rerun with --verbose for Flower's logs")
+    return json.loads(results_path.read_text())
