@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import datasets
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.config import ClientConfig
 from client.evaluate import evaluate
@@ -126,12 +127,15 @@ def handle_evaluate(msg: Message, context: Context, cfg: ClientConfig, data_fn: 
     return _reply(msg, metrics)
 
 
-def make_client_app(cfg: ClientConfig, data_fn: DataFn, budgets: Mapping[int, float] | None = None) -> ClientApp:
+def make_client_app(
+    cfg: ClientConfig, data_fn: DataFn, budgets: Mapping[int, float] | None = None, mods: Sequence[Mod] = ()
+) -> ClientApp:
     """The ClientApp for data holders whose examples `data_fn` loads on their own host.
 
-    `budgets` overrides the epsilon budget of individual clients (by client id).
+    `budgets` overrides the epsilon budget of individual clients (by client id); `mods` are
+    Flower client mods applied to every message.
     """
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
     budgets = dict(budgets or {})
 
     @app.train()

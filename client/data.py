@@ -56,6 +56,8 @@ def read_table(path: str | Path) -> datasets.Dataset:
                 builder, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True, **kwargs
             )
         except Exception as err:  # the loaders raise many types; all mean "unreadable file"
+            if "corresponds to no data" in str(err):
+                raise DataError(f"{path}: the file has a header but no rows") from None
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise DataError(f"{path}: cannot be read as {path.suffix.lstrip('.')}: {reason}") from None
     if table.num_rows == 0:

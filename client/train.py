@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 
 import datasets
@@ -104,21 +105,26 @@ def train_round(
             accountant=cfg.privacy.accountant,
         )
     total_loss, seen, steps = 0.0, 0, 0
-    for _ in range(cfg.train.local_epochs):
-        for batch in loader:
-            optimizer.zero_grad(set_to_none=True)
-            out = forward(runner, batch, device)
-            # Also for an empty Poisson batch: Opacus then takes the noise-only step the accounting assumes.
-            out.loss.backward()
-            optimizer.step()
-            steps += 1
-            if proximal_mu > 0:
-                # FedProx as a decoupled proximal step: a gradient term in the loss would be
-                # invisible to Opacus' per-sample gradients, and this step only uses public weights.
-                with torch.no_grad():
-                    for p, a in zip(params, anchor):
-                        p.sub_(cfg.train.learning_rate * proximal_mu * (p - a))
-            if n := batch["labels"].numel():
-                total_loss, seen = total_loss + float(out.loss.detach()) * n, seen + n
+    with warnings.catch_warnings():
+        # Expected with frozen embeddings (LoRA): PyTorch notes that no hooked input requires grad.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(cfg.train.local_epochs):
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                out = forward(runner, batch, device)
+                # Also for an empty Poisson batch: Opacus then takes the noise-only step the accounting assumes.
+                out.loss.backward()
+                optimizer.step()
+                steps += 1
+                if proximal_mu > 0:
+                    # FedProx as a decoupled proximal step: a gradient term in the loss would be
+                    # invisible to Opacus' per-sample gradients, and this step only uses public weights.
+                    with torch.no_grad():
+                        for p, a in zip(params, anchor):
+                            p.sub_(cfg.train.learning_rate * proximal_mu * (p - a))
+                if n := batch["labels"].numel():
+                    total_loss, seen = total_loss + float(out.loss.detach()) * n, seen + n
+    if engine is not None:
+        runner._close()  # drop Opacus' hooks so the same model can be trained again next round
     new_history = list(engine.accountant.history) if engine is not None else list(history)
     return RoundOutcome(history=new_history, mean_loss=total_loss / max(seen, 1), steps=steps)

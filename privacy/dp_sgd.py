@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
@@ -21,7 +23,11 @@ def make_private(
     grad_sample_mode: str = "hooks",
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
     """Wrap for DP-SGD with Poisson sampling; `engine.accountant.history` then holds old + new steps."""
-    engine = PrivacyEngine(accountant=accountant)
+    with warnings.catch_warnings():
+        # Opacus reminds on every construction that secure_mode (torchcsprng) is off; fedtune
+        # documents that choice once instead of repeating it per client and round.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=accountant)
     # Start from what this data holder already spent, not from zero (Flower's example builds a
     # fresh engine every round and so reports one round's epsilon as if it were the total).
     engine.accountant.history = list(history)

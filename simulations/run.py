@@ -7,8 +7,12 @@ import logging
 import os
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
+import datasets
+import transformers
+from flwr.clientapp.typing import Mod
 from rich.console import Console
 from rich.panel import Panel
 
@@ -46,6 +50,8 @@ def client_config(cfg: SimulationConfig, labels: tuple[str, ...]) -> ClientConfi
 def _quiet_libraries(verbose: bool) -> None:
     # Flower logs every message exchange at INFO and warns that run_simulation is deprecated in
     # favour of `flwr run` (which needs a SuperLink process); fedtune shows its own progress instead.
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     warnings.filterwarnings("ignore", message=".*Opacus.*secure_mode.*")
@@ -53,8 +59,11 @@ def _quiet_libraries(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 
 
-def simulate(cfg: SimulationConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run the federation described by `cfg`; returns the results written to its run folder."""
+def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods: Sequence[Mod] = ()) -> dict[str, Any]:
+    """Run the federation described by `cfg`; returns the results written to its run folder.
+
+    `client_mods` are Flower client mods wrapped around every client's message handling.
+    """
     from flwr.simulation import run_simulation  # heavy import (Ray); only when a run starts
 
     console = console or Console(stderr=True)
@@ -117,7 +126,7 @@ def simulate(cfg: SimulationConfig, console: Console | None = None) -> dict[str,
     server_app = make_server_app(
         coord, cfg.num_clients, evaluator=lambda model: evaluate(model, held_encoded, tokenizer, 64, device)
     )
-    client_app = make_client_app(ccfg, data_fn, cfg.client_budgets)
+    client_app = make_client_app(ccfg, data_fn, cfg.client_budgets, client_mods)
     gpus = cfg.gpus_per_client if cfg.gpus_per_client > 0 else (0.5 if device.type == "cuda" else 0.0)
     run_simulation(
         server_app=server_app,

@@ -1,0 +1,141 @@
+"""A real Flower simulation (Ray backend, real Opacus): weights move, epsilon composes and checks out, budgets hold."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import uuid
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from transformers import AutoModelForSequenceClassification
+
+from tests.conftest import TINY_LABELS, sentiment_rows
+
+SECRET = "zq7secretrow"
+
+
+class RecordReplies:
+    """A Flower client mod that writes down what each reply carries, as it leaves the client."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __call__(self, msg, context, call_next):
+        reply = call_next(msg, context)
+        content = reply.content
+        summary = {"type": reply.metadata.message_type, "records": {}, "array_bytes": b"", "metrics": {}}
+        for key, record in content.items():
+            summary["records"][key] = type(record).__name__
+            if type(record).__name__ == "ArrayRecord":
+                summary["arrays"] = {n: (a.dtype, tuple(a.shape)) for n, a in record.items()}
+                summary["array_bytes"] += b"".join(a.data for a in record.values())
+            else:
+                summary["metrics"] = dict(record)
+        (self.folder / f"{uuid.uuid4().hex}.pkl").write_bytes(pickle.dumps(summary))
+        return reply
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    """3 clients x 2 rounds on a tiny BERT; client 2's budget is far smaller than one round."""
+    import tests.test_simulation as this_module
+    from simulations.config import build_config
+    from simulations.run import simulate
+    import csv
+
+    base = tmp_path_factory.mktemp("sim")
+    data = base / "data.csv"
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(sentiment_rows(360, secret=SECRET))
+    replies = base / "replies"
+    replies.mkdir()
+    cfg = build_config(
+        {},
+        dict(
+            num_clients=3, num_rounds=2, dataset=str(data), labels=TINY_LABELS, model=str(tiny_model_dir),
+            partitioning="iid", learning_rate=0.05, batch_size=16, epsilon=8.0, client_budgets={2: 0.05},
+            out=str(base / "run"), seed=1,
+        ),
+    )
+    cloudpickle.register_pickle_by_value(this_module)  # Ray workers cannot import the tests package
+    results = simulate(cfg, client_mods=[RecordReplies(replies)])
+    return cfg, results, base / "run", replies
+
+
+def test_run_folder_has_results_plots_and_pipeline_loadable_model(run) -> None:
+    _, results, out, _ = run
+    assert json.loads((out / "results.json").read_text()) == results
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    for r in results["rounds"]:
+        assert 0.0 <= r["global"]["accuracy"] <= 1.0 and r["global"]["loss"] > 0
+    assert (out / "plots" / "metrics.png").stat().st_size > 1000
+    assert (out / "plots" / "epsilon.png").stat().st_size > 1000
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(out / "model"), device="cpu")
+    assert classify("good")[0]["label"] in TINY_LABELS
+
+
+def test_global_weights_changed(run, tiny_model_dir: Path) -> None:
+    _, _, out, _ = run
+    exported = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    initial = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    from client.model import ModelSpec, build_model
+
+    start = build_model(ModelSpec(name=str(tiny_model_dir)), TINY_LABELS).merge_and_unload()
+    assert not torch.allclose(exported.classifier.weight, start.classifier.weight)
+    # LoRA merged into the attention weights: they moved away from the pretrained ones.
+    q_end = exported.bert.encoder.layer[0].attention.self.query.weight
+    assert not torch.allclose(q_end, initial.bert.encoder.layer[0].attention.self.query.weight)
+
+
+def test_epsilon_is_opacus_composition_over_both_rounds(run) -> None:
+    cfg, results, _, _ = run
+    for cid in ("0", "1"):
+        per_round = [r["clients"][cid] for r in results["rounds"][1:]]
+        assert [p["declined"] for p in per_round] == [0, 0]
+        z, q, steps = per_round[-1]["noise-multiplier"], per_round[-1]["sample-rate"], int(per_round[-1]["steps"])
+        assert steps == 2 * round(1 / q)  # one local epoch per round, both rounds counted
+        acc = RDPAccountant()  # recompute independently, one step at a time
+        for _ in range(steps):
+            acc.step(noise_multiplier=z, sample_rate=q)
+        assert per_round[-1]["epsilon"] == pytest.approx(acc.get_epsilon(delta=cfg.delta), rel=1e-9)
+        one_round = RDPAccountant()
+        for _ in range(steps // 2):
+            one_round.step(noise_multiplier=z, sample_rate=q)
+        assert per_round[0]["epsilon"] == pytest.approx(one_round.get_epsilon(delta=cfg.delta), rel=1e-9)
+        assert per_round[0]["epsilon"] < per_round[1]["epsilon"] <= cfg.epsilon
+        assert results["clients"][cid]["epsilon"] == per_round[-1]["epsilon"]
+
+
+def test_client_with_too_small_budget_declines(run) -> None:
+    _, results, _, _ = run
+    for r in results["rounds"][1:]:
+        rep = r["clients"]["2"]
+        assert rep["declined"] == 1 and rep["epsilon"] == 0.0 and rep["budget-epsilon"] == 0.05
+    assert results["clients"]["2"]["rounds_declined"] == [1, 2]
+    assert results["clients"]["2"]["rounds_trained"] == []
+
+
+def test_only_arrays_and_metrics_leave_a_client(run) -> None:
+    _, _, out, replies = run
+    summaries = [pickle.loads(p.read_bytes()) for p in replies.glob("*.pkl")]
+    assert len(summaries) >= 3 * 2 * 2 - 2  # train + evaluate per client and round (declines included)
+    for s in summaries:
+        assert set(s["records"].values()) <= {"ArrayRecord", "MetricRecord"}
+        for value in s["metrics"].values():
+            assert isinstance(value, (int, float, list)) and not isinstance(value, str)
+        if "arrays" in s:
+            assert all(dtype.startswith("float") for dtype, _ in s["arrays"].values())
+            assert all("lora" in n or "classifier" in n for n in s["arrays"])
+        assert SECRET.encode() not in s["array_bytes"]
+    # Nothing the run wrote contains a client's raw text.
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
