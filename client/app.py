@@ -55,7 +55,11 @@ def load_history(context: Context) -> History:
 
 def save_history(context: Context, history: History) -> None:
     context.state[_STATE_KEY] = ConfigRecord(
-        {"noise": [float(h[0]) for h in history], "rate": [float(h[1]) for h in history], "steps": [int(h[2]) for h in history]}
+        {
+            "noise": [float(h[0]) for h in history],
+            "rate": [float(h[1]) for h in history],
+            "steps": [int(h[2]) for h in history],
+        }
     )
 
 
@@ -91,9 +95,14 @@ def handle_train(
         if after > budget:
             log.warning(
                 "client %s declines round %s: epsilon would reach %.3f, over its budget %.3f",
-                cid, server_round, after, budget,
+                cid,
+                server_round,
+                after,
+                budget,
             )
-            return _reply(msg, metrics | {"declined": 1, "num-examples": 0, "epsilon": spent, "steps": sum(h[2] for h in history)})
+            return _reply(
+                msg, metrics | {"declined": 1, "num-examples": 0, "epsilon": spent, "steps": sum(h[2] for h in history)}
+            )
     model = build_model(cfg.model, cfg.labels)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     outcome = train_round(
@@ -111,8 +120,15 @@ def handle_train(
     if cfg.privacy.enabled:
         eps = epsilon_spent(outcome.history, cfg.privacy.delta, cfg.privacy.accountant)
         metrics |= {"epsilon": eps, "steps": sum(h[2] for h in outcome.history)}
-        log.info("client %s round %s: epsilon %.3f of %.3f (delta %g, %s)", cid, server_round, eps,
-                 budget, cfg.privacy.delta, cfg.privacy.accountant)
+        log.info(
+            "client %s round %s: epsilon %.3f of %.3f (delta %g, %s)",
+            cid,
+            server_round,
+            eps,
+            budget,
+            cfg.privacy.delta,
+            cfg.privacy.accountant,
+        )
     return _reply(msg, metrics, ArrayRecord(trainable_state(model)))
 
 

@@ -66,8 +66,9 @@ class PrivacySpec:
 class TrainSpec:
     """Local optimisation settings."""
 
-    learning_rate: float = 5e-3
-    batch_size: int = 32
+    optimizer: str = "sgd"  # momentum SGD: Adam rescales every noisy coordinate to a full step under DP
+    learning_rate: float = 0.5
+    batch_size: int = 128
     local_epochs: int = 1
     eval_fraction: float = 0.2  # share of the local data kept for local evaluation
     device: str = "auto"
@@ -75,6 +76,7 @@ class TrainSpec:
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}")
+        _require(self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _require(self.local_epochs >= 1, f"local epochs must be >= 1, got {self.local_epochs}")
         _require(0 <= self.eval_fraction < 1, f"eval fraction must be in [0, 1), got {self.eval_fraction}")

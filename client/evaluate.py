@@ -45,4 +45,4 @@ def evaluate(
     """All evaluation metrics plus `loss` and `num-examples`."""
     y, p, loss = predict(model, data, tokenizer, batch_size, device)
     num_labels = getattr(getattr(model, "config", None), "num_labels", int(max(y.max(), p.max()) + 1))
-    return {"loss": loss, "num-examples": int(len(y)), **classification_metrics(y, p, num_labels)}
+    return {"loss": loss, "num-examples": len(y), **classification_metrics(y, p, num_labels)}

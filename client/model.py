@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,13 +58,18 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    # "Some weights were newly initialized" is expected for a new classification head.
+    # Loading is routine here (once per worker): no per-shard progress bar, and "newly initialized
+    # classifier" / peft's deprecation notices are expected, not news for the user.
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
     finally:
         transformers.logging.set_verbosity(verbosity)
+        transformers.utils.logging.enable_progress_bar()
 
 
 @functools.lru_cache(maxsize=2)
@@ -80,9 +86,7 @@ def _pristine_model(spec: ModelSpec, labels: tuple[str, ...]) -> torch.nn.Module
             label2id={name: i for i, name in enumerate(labels)},
         )
         if spec.lora:
-            lora = LoraConfig(
-                task_type=TaskType.SEQ_CLS, r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0
-            )
+            lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0)
             model = get_peft_model(model, lora)  # target modules: peft's default for the architecture
     return model
 
@@ -108,12 +112,11 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             param.copy_(state[name].to(param.device, param.dtype))
 
 
-def export_model(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path
-) -> Path:
+def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """Save a `transformers.pipeline`-loadable model (LoRA merged into the base weights)."""
     out = Path(out_dir)
     plain: PreTrainedModel = model.merge_and_unload() if isinstance(model, PeftModel) else model
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with _quiet_transformers():
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     return out

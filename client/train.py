@@ -91,7 +91,10 @@ def train_round(
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params]  # the global weights, for FedProx
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+    if cfg.train.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.SGD(params, lr=cfg.train.learning_rate, momentum=0.9)
     loader = make_loader(data, tokenizer, cfg.train.batch_size, shuffle=True)
     runner, engine = model, None
     if plan is not None:
@@ -114,6 +117,8 @@ def train_round(
                 out = forward(runner, batch, device)
                 # Also for an empty Poisson batch: Opacus then takes the noise-only step the accounting assumes.
                 out.loss.backward()
+                if plan is None:  # without DP, clip the batch gradient so the same learning rate is stable
+                    torch.nn.utils.clip_grad_norm_(params, cfg.privacy.max_grad_norm)
                 optimizer.step()
                 steps += 1
                 if proximal_mu > 0:

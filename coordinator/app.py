@@ -43,7 +43,9 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
             initial_arrays=initial,
             num_rounds=cfg.num_rounds,
             timeout=cfg.round_timeout,
-            train_config=ConfigRecord({"num-rounds": cfg.num_rounds, "proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0}),
+            train_config=ConfigRecord(
+                {"num-rounds": cfg.num_rounds, "proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0}
+            ),
             evaluate_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
             evaluate_fn=evaluate_fn,
         )

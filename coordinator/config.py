@@ -35,7 +35,10 @@ class CoordinatorConfig:
         checks = [
             (self.num_rounds >= 1, f"rounds must be >= 1, got {self.num_rounds}"),
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
-            (0 < self.fraction_train <= 1, f"fraction of clients per round must be in (0, 1], got {self.fraction_train}"),
+            (
+                0 < self.fraction_train <= 1,
+                f"fraction of clients per round must be in (0, 1], got {self.fraction_train}",
+            ),
             (0 <= self.fraction_evaluate <= 1, f"evaluate fraction must be in [0, 1], got {self.fraction_evaluate}"),
             (self.min_clients >= 1, f"min clients must be >= 1, got {self.min_clients}"),
             (self.proximal_mu >= 0, f"proximal mu must be >= 0, got {self.proximal_mu}"),

@@ -12,10 +12,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+import matplotlib.pyplot as plt
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -49,8 +49,12 @@ class RunRecorder:
         self.started = time.time()
         self._last = self.started
         self.progress = Progress(
-            TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=self.console, transient=False,
+            TextColumn("[bold]federated rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
         )
         self._task = self.progress.add_task("rounds", total=num_rounds)
 
@@ -183,7 +187,7 @@ def plot_epsilon(rounds: list[dict[str, Any]], path: Path) -> None:
             if rep.get("epsilon") is not None:
                 series.setdefault(cid, []).append((r["round"], rep["epsilon"], bool(rep.get("declined"))))
     for cid, pts in sorted(series.items(), key=lambda kv: int(kv[0])):
-        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=f"client {cid}")
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=f"client {cid}")
         bad = [p for p in pts if p[2]]
         if bad:
             ax.scatter([p[0] for p in bad], [p[1] for p in bad], marker="x", s=60, color=line.get_color())

@@ -15,7 +15,12 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--clients", "num_clients", int, "number of simulated clients (default 10)"),
     ("--rounds", "num_rounds", int, "federated rounds (default 5)"),
     ("--fraction", "fraction", float, "fraction of clients sampled per round (default 1.0)"),
-    ("--fraction-evaluate", "fraction_evaluate", float, "fraction of clients evaluating locally per round (default 1.0)"),
+    (
+        "--fraction-evaluate",
+        "fraction_evaluate",
+        float,
+        "fraction of clients evaluating locally per round (default 1.0)",
+    ),
     ("--strategy", "strategy", str, "fedavg | fedprox | fedadam (default fedavg)"),
     ("--proximal-mu", "proximal_mu", float, "FedProx proximal term (default 0.01)"),
     ("--server-lr", "server_learning_rate", float, "FedAdam server learning rate (default 0.01)"),
@@ -33,8 +38,9 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--delta", "delta", float, "delta (default 1e-5)"),
     ("--max-grad-norm", "max_grad_norm", float, "per-sample clipping norm (default 1.0)"),
     ("--accountant", "accountant", str, "rdp | prv (default rdp)"),
-    ("--lr", "learning_rate", float, "client learning rate (default 5e-3)"),
-    ("--batch-size", "batch_size", int, "expected batch size, Poisson-sampled under DP (default 32)"),
+    ("--optimizer", "optimizer", str, "client optimizer: sgd (momentum 0.9) | adamw (default sgd)"),
+    ("--lr", "learning_rate", float, "client learning rate (default 0.5)"),
+    ("--batch-size", "batch_size", int, "expected batch size, Poisson-sampled under DP (default 128)"),
     ("--local-epochs", "local_epochs", int, "local epochs per round (default 1)"),
     ("--seed", "seed", int, "seed for splits, initialisation, sampling and noise (default 0)"),
     ("--device", "device", str, "auto | cpu | cuda (default auto)"),
@@ -53,12 +59,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
     for flag, dest, kind, help_ in FLAGS:
         p.add_argument(flag, dest=dest, type=kind, help=help_)
-    p.add_argument("--labels", dest="labels", type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
-                   help="comma-separated label names in id order (default: inferred from the data)")
-    p.add_argument("--full-finetune", dest="lora", action="store_false", help="train all weights instead of LoRA adapters")
-    p.add_argument("--no-dp", dest="dp", action="store_false", help="turn differential privacy OFF (flagged in results)")
-    p.add_argument("--client-budget", dest="client_budgets", action="append", metavar="ID=EPSILON",
-                   help="a smaller epsilon budget for one client (repeatable)")
+    p.add_argument(
+        "--labels",
+        dest="labels",
+        type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+        help="comma-separated label names in id order (default: inferred from the data)",
+    )
+    p.add_argument(
+        "--full-finetune", dest="lora", action="store_false", help="train all weights instead of LoRA adapters"
+    )
+    p.add_argument(
+        "--no-dp", dest="dp", action="store_false", help="turn differential privacy OFF (flagged in results)"
+    )
+    p.add_argument(
+        "--client-budget",
+        dest="client_budgets",
+        action="append",
+        metavar="ID=EPSILON",
+        help="a smaller epsilon budget for one client (repeatable)",
+    )
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     return p
 
@@ -93,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         assert set(args) <= set(FIELDS), set(args) - set(FIELDS)
         cfg = build_config(file_settings, args)
         results = simulate(cfg, console)
-    except (SimulationConfigError, ConfigError, DataError, ModelError, CoordinatorConfigError, PrivacyBudgetError) as err:
+    except (
+        SimulationConfigError,
+        ConfigError,
+        DataError,
+        ModelError,
+        CoordinatorConfigError,
+        PrivacyBudgetError,
+    ) as err:
         console.print(f"[bold red]fedtune-simulate: error:[/] {err}", highlight=False)
         return 2
     except KeyboardInterrupt:

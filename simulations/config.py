@@ -50,8 +50,9 @@ class SimulationConfig:
     accountant: str = "rdp"
     client_budgets: dict[int, float] = field(default_factory=dict)  # client id -> epsilon budget
     # local training
-    learning_rate: float = 5e-3
-    batch_size: int = 32
+    optimizer: str = "sgd"
+    learning_rate: float = 0.5
+    batch_size: int = 128
     local_epochs: int = 1
     # run
     seed: int = 0

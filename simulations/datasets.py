@@ -61,7 +61,13 @@ def load_source(spec: DataSpec) -> tuple[datasets.Dataset, tuple[str, ...]]:
     """All examples (columns text, label) and the label names."""
     if spec.dataset == EMBEDDED:
         return vader_examples()
-    if Path(spec.dataset).exists() or Path(spec.dataset).suffix.lower() in (".csv", ".tsv", ".jsonl", ".json", ".parquet"):
+    if Path(spec.dataset).exists() or Path(spec.dataset).suffix.lower() in (
+        ".csv",
+        ".tsv",
+        ".jsonl",
+        ".json",
+        ".parquet",
+    ):
         return load_examples(spec.dataset, spec.labels or None, spec.text_column, spec.label_column)
     try:  # a hub dataset name, for users with internet access
         table = datasets.load_dataset(spec.dataset, split="train")
@@ -89,12 +95,18 @@ def make_partitioner(spec: DataSpec) -> Partitioner:
         return IidPartitioner(num_partitions=spec.num_clients)
     if spec.partitioning == "shard":
         return ShardPartitioner(
-            num_partitions=spec.num_clients, partition_by="label",
-            num_shards_per_partition=spec.shards_per_client, seed=spec.seed,
+            num_partitions=spec.num_clients,
+            partition_by="label",
+            num_shards_per_partition=spec.shards_per_client,
+            seed=spec.seed,
         )
     return DirichletPartitioner(
-        num_partitions=spec.num_clients, partition_by="label", alpha=spec.alpha, min_partition_size=10,
-        self_balancing=True, seed=spec.seed,
+        num_partitions=spec.num_clients,
+        partition_by="label",
+        alpha=spec.alpha,
+        min_partition_size=10,
+        self_balancing=True,
+        seed=spec.seed,
     )
 
 

@@ -16,10 +16,10 @@ from flwr.clientapp.typing import Mod
 from rich.console import Console
 from rich.panel import Panel
 
+from client.app import make_client_app
 from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
 from client.evaluate import evaluate
 from client.model import load_tokenizer
-from client.app import make_client_app
 from client.train import encode
 from coordinator.app import make_server_app
 from coordinator.config import CoordinatorConfig
@@ -37,12 +37,19 @@ def client_config(cfg: SimulationConfig, labels: tuple[str, ...]) -> ClientConfi
         labels=labels,
         model=ModelSpec(name=cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, max_length=cfg.max_length),
         privacy=PrivacySpec(
-            enabled=cfg.dp, target_epsilon=cfg.epsilon, delta=cfg.delta,
-            max_grad_norm=cfg.max_grad_norm, accountant=cfg.accountant,
+            enabled=cfg.dp,
+            target_epsilon=cfg.epsilon,
+            delta=cfg.delta,
+            max_grad_norm=cfg.max_grad_norm,
+            accountant=cfg.accountant,
         ),
         train=TrainSpec(
-            learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
-            device=cfg.device, seed=cfg.seed,
+            optimizer=cfg.optimizer,
+            learning_rate=cfg.learning_rate,
+            batch_size=cfg.batch_size,
+            local_epochs=cfg.local_epochs,
+            device=cfg.device,
+            seed=cfg.seed,
         ),
     )
 
@@ -69,9 +76,16 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
     console = console or Console(stderr=True)
     _quiet_libraries(cfg.verbose)
     data_spec = DataSpec(
-        dataset=cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, labels=cfg.labels,
-        test_fraction=cfg.test_fraction, partitioning=cfg.partitioning, alpha=cfg.alpha,
-        shards_per_client=cfg.shards_per_client, num_clients=cfg.num_clients, seed=cfg.seed,
+        dataset=cfg.dataset,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        labels=cfg.labels,
+        test_fraction=cfg.test_fraction,
+        partitioning=cfg.partitioning,
+        alpha=cfg.alpha,
+        shards_per_client=cfg.shards_per_client,
+        num_clients=cfg.num_clients,
+        seed=cfg.seed,
     )
     pool, held_out, labels = split(data_spec)  # fails here, before any worker starts, on bad data
     data_fn = PartitionData(data_spec)
@@ -140,5 +154,7 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
     )
     results_path = out_dir / "results.json"
     if not results_path.exists():
-        raise RuntimeError(f"the simulation ended without writing {results_path}; rerun with --verbose for Flower's logs")
+        raise RuntimeError(
+            f"the simulation ended without writing {results_path}; rerun with --verbose for Flower's logs"
+        )
     return json.loads(results_path.read_text())

@@ -101,7 +101,9 @@ def test_cli_reports_bad_data_without_traceback(tmp_path: Path) -> None:
     path.write_bytes("text,label\ncaf\xe9,positive\n".encode("latin-1"))
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "--dataset", str(path), "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "not valid UTF-8" in proc.stderr

@@ -42,10 +42,11 @@ class RecordReplies:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     """3 clients x 2 rounds on a tiny BERT; client 2's budget is far smaller than one round."""
+    import csv
+
     import tests.test_simulation as this_module
     from simulations.config import build_config
     from simulations.run import simulate
-    import csv
 
     base = tmp_path_factory.mktemp("sim")
     data = base / "data.csv"
@@ -58,9 +59,18 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     cfg = build_config(
         {},
         dict(
-            num_clients=3, num_rounds=2, dataset=str(data), labels=TINY_LABELS, model=str(tiny_model_dir),
-            partitioning="iid", learning_rate=0.05, batch_size=16, epsilon=8.0, client_budgets={2: 0.05},
-            out=str(base / "run"), seed=1,
+            num_clients=3,
+            num_rounds=2,
+            dataset=str(data),
+            labels=TINY_LABELS,
+            model=str(tiny_model_dir),
+            partitioning="iid",
+            learning_rate=0.05,
+            batch_size=16,
+            epsilon=8.0,
+            client_budgets={2: 0.05},
+            out=str(base / "run"),
+            seed=1,
         ),
     )
     cloudpickle.register_pickle_by_value(this_module)  # Ray workers cannot import the tests package
