@@ -70,9 +70,7 @@ def _reply(msg: Message, metrics: dict[str, Any], arrays: ArrayRecord | None = N
     return Message(content=content, reply_to=msg)
 
 
-def handle_train(
-    msg: Message, context: Context, cfg: ClientConfig, data_fn: DataFn, budgets: Mapping[int, float]
-) -> Message:
+def handle_train(msg: Message, context: Context, cfg: ClientConfig, data_fn: DataFn, budgets: Mapping[int, float]) -> Message:
     """One round: check the budget, train, and reply with trainable weights and aggregate metrics."""
     cid = client_id(context)
     budget = budgets.get(cid, cfg.privacy.budget)

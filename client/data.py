@@ -27,9 +27,7 @@ def _check_text_encoding(path: Path) -> None:
         raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8"
-        ) from None
+        raise DataError(f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[err.start]:02x}); save the file as UTF-8") from None
 
 
 def read_table(path: str | Path) -> datasets.Dataset:
@@ -100,9 +98,7 @@ def infer_labels(table: datasets.Dataset, label_column: str, source: str) -> tup
     values = {str(v).strip() for v in table[label_column] if v is not None and str(v).strip()}
     if len(values) < 2:
         raise DataError(f"{source}: column {label_column!r} has fewer than two distinct labels")
-    return tuple(
-        sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
-    )
+    return tuple(sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v)))
 
 
 def load_examples(

@@ -24,9 +24,7 @@ def _check_accountant(accountant: str) -> None:
         raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
 
 
-def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
-) -> float:
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """Return the smallest noise multiplier whose `steps` DP-SGD steps spend at most `target_epsilon`."""
     _check_accountant(accountant)
     try:

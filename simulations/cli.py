@@ -65,12 +65,8 @@ def parser() -> argparse.ArgumentParser:
         type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
         help="comma-separated label names in id order (default: inferred from the data)",
     )
-    p.add_argument(
-        "--full-finetune", dest="lora", action="store_false", help="train all weights instead of LoRA adapters"
-    )
-    p.add_argument(
-        "--no-dp", dest="dp", action="store_false", help="turn differential privacy OFF (flagged in results)"
-    )
+    p.add_argument("--full-finetune", dest="lora", action="store_false", help="train all weights instead of LoRA adapters")
+    p.add_argument("--no-dp", dest="dp", action="store_false", help="turn differential privacy OFF (flagged in results)")
     p.add_argument(
         "--client-budget",
         dest="client_budgets",

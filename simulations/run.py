@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import datasets
 import transformers
@@ -26,10 +27,18 @@ from coordinator.config import CoordinatorConfig
 from simulations.config import SimulationConfig
 from simulations.datasets import DataSpec, PartitionData, split
 
+T = TypeVar("T")
+
 DP_OFF_WARNING = (
     "DIFFERENTIAL PRIVACY IS OFF (--no-dp). Client updates carry no formal privacy guarantee; "
     "do not use this setting with data that must stay private."
 )
+
+
+def _same_named(spec_type: type[T], cfg: SimulationConfig) -> T:
+    """Build a role's spec from the simulation settings that share its field names."""
+    names = {f.name for f in dataclasses.fields(SimulationConfig)}
+    return spec_type(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(spec_type) if f.name in names})
 
 
 def client_config(cfg: SimulationConfig, labels: tuple[str, ...]) -> ClientConfig:
@@ -43,14 +52,7 @@ def client_config(cfg: SimulationConfig, labels: tuple[str, ...]) -> ClientConfi
             max_grad_norm=cfg.max_grad_norm,
             accountant=cfg.accountant,
         ),
-        train=TrainSpec(
-            optimizer=cfg.optimizer,
-            learning_rate=cfg.learning_rate,
-            batch_size=cfg.batch_size,
-            local_epochs=cfg.local_epochs,
-            device=cfg.device,
-            seed=cfg.seed,
-        ),
+        train=_same_named(TrainSpec, cfg),
     )
 
 
@@ -75,18 +77,7 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
 
     console = console or Console(stderr=True)
     _quiet_libraries(cfg.verbose)
-    data_spec = DataSpec(
-        dataset=cfg.dataset,
-        text_column=cfg.text_column,
-        label_column=cfg.label_column,
-        labels=cfg.labels,
-        test_fraction=cfg.test_fraction,
-        partitioning=cfg.partitioning,
-        alpha=cfg.alpha,
-        shards_per_client=cfg.shards_per_client,
-        num_clients=cfg.num_clients,
-        seed=cfg.seed,
-    )
+    data_spec = _same_named(DataSpec, cfg)
     pool, held_out, labels = split(data_spec)  # fails here, before any worker starts, on bad data
     data_fn = PartitionData(data_spec)
     sizes = data_fn.sizes()
@@ -154,7 +145,5 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
     )
     results_path = out_dir / "results.json"
     if not results_path.exists():
-        raise RuntimeError(
-            f"the simulation ended without writing {results_path}; rerun with --verbose for Flower's logs"
-        )
+        raise RuntimeError(f"the simulation ended without writing {results_path}; rerun with --verbose for Flower's logs")
     return json.loads(results_path.read_text())

@@ -61,9 +61,7 @@ def test_header_only_file(tmp_path: Path) -> None:
 
 def test_missing_column(write_csv) -> None:
     path = write_csv([("x", "positive")], header=("sentence", "label"))
-    assert _error(path) == (
-        f"{path}: no column 'text' (columns are: sentence, label); set the text/label column options"
-    )
+    assert _error(path) == (f"{path}: no column 'text' (columns are: sentence, label); set the text/label column options")
 
 
 def test_unreadable_encoding(tmp_path: Path) -> None:
@@ -74,9 +72,7 @@ def test_unreadable_encoding(tmp_path: Path) -> None:
 
 def test_label_outside_known_set(write_csv) -> None:
     path = write_csv([("fine", "positive"), ("meh", "neutral")])
-    assert _error(path) == (
-        f"{path}: row 2: label 'neutral' in column 'label' is not one of: negative, positive (or an id 0..1)"
-    )
+    assert _error(path) == (f"{path}: row 2: label 'neutral' in column 'label' is not one of: negative, positive (or an id 0..1)")
 
 
 def test_empty_text(write_csv) -> None:

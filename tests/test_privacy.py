@@ -9,9 +9,7 @@ from privacy import PrivacyBudgetError, calibrate_noise, epsilon_spent
 
 
 def _google_rdp_epsilon(z: float, q: float, steps: int, delta: float) -> float:
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps
-    )
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
     acc = dp_accounting.rdp.RdpAccountant()
     acc.compose(event)
     return acc.get_epsilon(delta)
