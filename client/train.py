@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -30,11 +31,17 @@ def make_loader(data: Encoded, tokenizer: PreTrainedTokenizerBase, batch_size: i
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
 
 
+@functools.cache
+def _takes_position_ids(model_type: type) -> bool:
+    # Once per model class, not once per batch.
+    return "position_ids" in inspect.signature(model_type.forward).parameters
+
+
 def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device):
     """Run the model with explicit, contiguous position ids (Opacus' BERT fix for full fine-tuning)."""
     batch = {k: v.to(device) for k, v in batch.items()}
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "position_ids" in inspect.signature(base.forward).parameters:
+    if _takes_position_ids(type(base)):
         b, length = batch["input_ids"].shape
         batch["position_ids"] = torch.arange(length, device=device).repeat(b, 1)
     return model(**batch)

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import os
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -63,9 +62,6 @@ def _quiet_libraries(verbose: bool) -> None:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    warnings.filterwarnings("ignore", message=".*Opacus.*secure_mode.*")
-    warnings.filterwarnings("ignore", message=".*Using a non-full backward hook.*")
-    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
 
 
 def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods: Sequence[Mod] = ()) -> dict[str, Any]:
