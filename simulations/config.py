@@ -42,6 +42,7 @@ class SimulationConfig:
     lora: bool = True
     lora_r: int = 8
     max_length: int = 64
+    pooler: str = "auto"
     # privacy
     dp: bool = True
     epsilon: float = 8.0
@@ -51,7 +52,8 @@ class SimulationConfig:
     client_budgets: dict[int, float] = field(default_factory=dict)  # client id -> epsilon budget
     # local training
     optimizer: str = "sgd"
-    learning_rate: float = 0.5
+    learning_rate: float = 0.05
+    head_learning_rate: float = 2.0
     batch_size: int = 128
     local_epochs: int = 1
     # run

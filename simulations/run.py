@@ -43,7 +43,7 @@ def _same_named(spec_type: type[T], cfg: SimulationConfig) -> T:
 def client_config(cfg: SimulationConfig, labels: tuple[str, ...]) -> ClientConfig:
     return ClientConfig(
         labels=labels,
-        model=ModelSpec(name=cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, max_length=cfg.max_length),
+        model=ModelSpec(name=cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, max_length=cfg.max_length, pooler=cfg.pooler),
         privacy=PrivacySpec(
             enabled=cfg.dp,
             target_epsilon=cfg.epsilon,
