@@ -27,8 +27,11 @@ _ENCODED: dict[tuple, tuple[Encoded, Encoded]] = {}  # per-process cache: tokeni
 
 
 def client_id(context: Context) -> int:
-    """The simulation partition id, else the node id: how results name this client."""
-    return int(context.node_config.get("partition-id", context.node_id))
+    """The simulation partition id, else the node id: how results name this client.
+
+    Flower's node ids are unsigned 64-bit, MetricRecord's ints signed: keep 53 bits (exact in JSON too).
+    """
+    return int(context.node_config.get("partition-id", context.node_id % 2**53))
 
 
 def _local_data(cfg: ClientConfig, data_fn: DataFn, node_config: dict[str, Any]) -> tuple[Encoded, Encoded]:

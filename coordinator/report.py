@@ -117,6 +117,8 @@ class RunRecorder:
         """Write results.json and the plots; print the summary; return the results."""
         rounds = [self.rounds[r] for r in sorted(self.rounds)]
         final = rounds[-1].get("global", {}) if rounds else {}
+        if not final and rounds:  # no central held-out split (deployment): the clients' pooled evaluation
+            final = rounds[-1].get("federated_evaluation", {})
         results = {
             **self.header,
             "rounds": rounds,
@@ -135,8 +137,11 @@ class RunRecorder:
         table = Table(title="global model, held-out split")
         for col in ("round", "accuracy", "macro-F1", "loss"):
             table.add_column(col, justify="right")
+        central = any("accuracy" in r.get("global", {}) for r in results["rounds"])
+        if not central:
+            table.title = "global model, clients' pooled local evaluation"
         for r in results["rounds"]:
-            g = r.get("global", {})
+            g = r.get("global", {}) if central else r.get("federated_evaluation", {})
             if "accuracy" in g:
                 table.add_row(str(r["round"]), f"{g['accuracy']:.4f}", f"{g['macro-f1']:.4f}", f"{g['loss']:.4f}")
         clients = Table(title="clients (privacy spent)")

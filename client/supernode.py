@@ -1,0 +1,185 @@
+"""Run a Flower SuperNode for this data holder: check its files first, then translate Flower's failures into sentences."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from privacy.certs import key_fingerprint, load_certificate, load_node_private_key
+
+# Flower prints these when a SuperNode cannot join (exit code 305); the data holder gets one sentence instead.
+_FAILURES: list[tuple[str, str]] = [
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "TLS handshake with the coordinator failed: its certificate is not signed by the CA in {ca} "
+        "(ask the operator for the coordinator's ca.pem)",
+    ),
+    ("WRONG_VERSION_NUMBER", "TLS handshake with the coordinator failed: {address} does not speak TLS"),
+    (
+        "Failed to activate SuperNode",
+        "the coordinator refused this node: its key ({fingerprint}) is not registered; send {pub} to the "
+        "operator and ask them to run `fedtune-coordinator register`",
+    ),
+    ("UNAUTHENTICATED", "the coordinator refused this node's key ({fingerprint}); is it registered?"),
+    ("Connection refused", "cannot reach the coordinator at {address} (is it running, and is the port open?)"),
+    ("Name or service not known", "cannot resolve the coordinator's host name in {address}"),
+]
+
+
+class ClientStartError(RuntimeError):
+    """The client could not start or join; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What `fedtune-client start` was told: where the coordinator is, which keys, which data, which budget."""
+
+    coordinator: str
+    ca: Path | None  # None only with insecure=True
+    key: Path
+    data: Path
+    home: Path
+    node_config: dict[str, Any]
+    runtime_port: int = 9094
+    insecure: bool = False
+    max_retries: int | None = None  # None: keep retrying while the coordinator is down (TLS/auth failures end at once)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: quotes and backslashes escaped
+    return repr(value)
+
+
+def node_config_arg(values: dict[str, Any]) -> str:
+    """Flower's --node-config syntax: space-separated key=value with TOML values."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+
+
+def check_files(settings: NodeSettings) -> str:
+    """Validate the CA and key before connecting; returns the key's fingerprint."""
+    if settings.ca is not None:
+        load_certificate(settings.ca)
+    key = load_node_private_key(settings.key)
+    return key_fingerprint(key.public_key())
+
+
+def supernode_command(settings: NodeSettings) -> list[str]:
+    exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or "flower-supernode"
+    cmd = [
+        exe,
+        "--superlink",
+        settings.coordinator,
+        "--auth-supernode-private-key",
+        str(settings.key),
+        "--node-config",
+        node_config_arg(settings.node_config),
+        "--port",
+        str(settings.runtime_port),
+    ]
+    if settings.max_retries is not None:
+        cmd += ["--max-retries", str(settings.max_retries)]
+    cmd += ["--insecure"] if settings.insecure else ["--root-certificates", str(settings.ca)]
+    return cmd
+
+
+def explain(log_text: str, settings: NodeSettings, fingerprint: str) -> str | None:
+    """One sentence for a known Flower failure in the SuperNode's log, else None."""
+    for needle, sentence in _FAILURES:
+        if needle in log_text:
+            return sentence.format(
+                ca=settings.ca,
+                address=settings.coordinator,
+                fingerprint=fingerprint,
+                pub=settings.key.with_suffix(".pub"),
+            )
+    return None
+
+
+def run_supernode(settings: NodeSettings, fingerprint: str, echo: Callable[[str], None]) -> int:
+    """Run the SuperNode until it exits (or we are stopped); its full log goes to HOME/supernode.log."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {
+        "FLWR_HOME": str(settings.home / "flwr"),  # this node's own Flower state, apart from any other install
+        "FLWR_TELEMETRY_ENABLED": "0",
+        # The SuperNode starts flower-superexec and flwr-clientapp by name: use this environment's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    log_path = settings.home / "supernode.log"
+    proc = subprocess.Popen(
+        supernode_command(settings),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: stopping us stops its SuperExec and ClientApps too
+    )
+
+    def stop(signum: int, _frame: Any) -> None:
+        _stop_group(proc)
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    lines: list[str] = []
+    reader = threading.Thread(target=_follow, args=(proc, log_path, lines, echo), daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait()
+    finally:
+        # The SuperNode's SuperExec child outlives it (retrying) and holds the pipe: stop the whole group.
+        _stop_group(proc)
+        reader.join(timeout=10)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if rc != 0:
+        reason = explain("".join(lines), settings, fingerprint)
+        raise ClientStartError(reason or f"the Flower SuperNode exited with status {rc}; see {log_path}")
+    return rc
+
+
+def _follow(proc: subprocess.Popen, log_path: Path, lines: list[str], echo: Callable[[str], None]) -> None:
+    with log_path.open("w", encoding="utf-8") as log:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            lines.append(line)
+            del lines[:-200]
+            for note in _interesting(line):
+                echo(note)
+
+
+def _interesting(line: str) -> list[str]:
+    # The ClientApp prints "fedtune-client: round R: ..." lines (see client/deploy.py); pass those through.
+    text = line.strip()
+    return [text] if text.startswith("fedtune-client:") else []
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 5) -> None:
+    """SIGTERM the SuperNode's whole process group (even after the SuperNode itself exited), then SIGKILL what is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)

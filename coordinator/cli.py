@@ -1,0 +1,125 @@
+"""`fedtune-coordinator`: create certificates, admit data holders' keys, and run the federation service."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.panel import Panel
+
+from coordinator.config import CoordinatorConfigError
+from coordinator.service_config import DEFAULT_PORT, ServiceConfig, read_service_config
+from privacy.certs import CertificateError
+
+DEFAULT_CONFIG = Path("coord/coordinator.toml")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedtune-coordinator", description="Run a fedtune coordinator (Flower SuperLink).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create the CA, the server certificate and coordinator.toml")
+    init.add_argument("--out", type=Path, default=DEFAULT_CONFIG.parent, help="coordinator folder (default ./coord)")
+    init.add_argument("--labels", required=True, help="comma-separated label names, in id order (e.g. negative,positive)")
+    init.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a DNS name or IP address clients use to reach this host (repeatable; localhost and 127.0.0.1 always included)",
+    )
+    init.add_argument("--listen", default="0.0.0.0", help="address the SuperLink binds (default 0.0.0.0)")
+    init.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the one port clients connect to (default {DEFAULT_PORT})")
+    init.add_argument("--force", action="store_true", help="replace existing certificates and settings")
+
+    for name, help_ in (("register", "allow a node's public key (node.pub)"), ("revoke", "stop allowing a node")):
+        cmd = sub.add_parser(name, help=help_)
+        cmd.add_argument("key", help="node.pub file" if name == "register" else "the node's fingerprint (SHA256:...)")
+        cmd.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="coordinator.toml (default coord/coordinator.toml)")
+
+    nodes = sub.add_parser("nodes", help="list registered nodes")
+    nodes.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+
+    start = sub.add_parser("start", help="start the SuperLink and run the federation")
+    start.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="coordinator.toml (default coord/coordinator.toml)")
+    start.add_argument("--rounds", dest="num_rounds", type=int, help="override num_rounds")
+    start.add_argument("--min-clients", dest="min_clients", type=int, help="override min_clients")
+    start.add_argument("--strategy", help="override strategy (fedavg | fedprox | fedadam)")
+    start.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (testing only; loud)")
+    start.add_argument("--keep-running", action="store_true", help="keep the SuperLink serving after the run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    console = Console(stderr=True)
+    from coordinator.service import ServiceError
+
+    # SIGTERM (a service manager, a test) must unwind like Ctrl-C so the SuperLink is stopped with us.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    try:
+        return _dispatch(args, console)
+    except (CoordinatorConfigError, CertificateError, ServiceError, OSError) as err:
+        console.print(f"[bold red]fedtune-coordinator: error:[/] {err}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("fedtune-coordinator: stopped")
+        return 130
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    from coordinator import service
+
+    if args.command == "init":
+        labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
+        hosts = tuple(dict.fromkeys(["localhost", "127.0.0.1", *args.host]))
+        if args.listen not in ("0.0.0.0", "::"):
+            hosts = tuple(dict.fromkeys([*hosts, args.listen]))
+        cfg = ServiceConfig(home=args.out.resolve(), labels=labels, listen=args.listen, port=args.port, hosts=hosts)
+        written = service.init_home(cfg, force=args.force)
+        console.print(f"wrote {', '.join(str(p) for p in written)}")
+        console.print(
+            f"Give data holders {cfg.tls_dir / 'ca.pem'} and the address HOST:{cfg.port} (HOST one of {', '.join(hosts)}); "
+            f"keep ca.key and server.key here. Edit {written[0]} for rounds, model and strategy."
+        )
+        return 0
+    cfg = read_service_config(args.config, _overrides(args))
+    if args.command == "register":
+        fingerprint = service.register_key(cfg, Path(args.key))
+        console.print(f"registered node {fingerprint}")
+    elif args.command == "revoke":
+        service.revoke_key(cfg, args.key)
+        console.print(f"revoked node {args.key}")
+    elif args.command == "nodes":
+        for fingerprint in service.registered(cfg):
+            print(fingerprint)
+    else:
+        if cfg.insecure:
+            console.print(Panel(service.INSECURE_WARNING, title="WARNING", style="bold red"))
+        results = service.run_service(cfg, lambda line: console.print(line, highlight=False, markup=False), args.keep_running)
+        final = results.get("final") or {}
+        console.print(
+            f"run {results['run_id']} finished: "
+            + (f"accuracy {final['accuracy']:.4f}; " if "accuracy" in final else "")
+            + f"results in {results['out_dir']}/results.json, model in {results['out_dir']}/{results.get('model_dir', 'model')}"
+        )
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    keys = ("num_rounds", "min_clients", "strategy")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "insecure", False):
+        out["insecure"] = True
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

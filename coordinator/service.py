@@ -1,0 +1,314 @@
+"""The coordinator service: its own Flower SuperLink (TLS, node auth, database), registered nodes, and the run it submits."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from coordinator.service_config import ServiceConfig
+from privacy.certs import (
+    CertificateError,
+    key_fingerprint,
+    load_certificate,
+    load_node_public_key,
+    make_ca,
+    make_server_cert,
+)
+
+CONNECTION = "fedtune"  # the connection name in this service's own $FLWR_HOME/config.toml
+INSECURE_WARNING = "TLS IS OFF (--insecure): model updates cross the network unencrypted and nodes are not authenticated."
+
+
+class ServiceError(RuntimeError):
+    """The service cannot do what was asked; the message says why and what to do."""
+
+
+def _bin(name: str) -> str:
+    # The Flower executables of this environment, never a stray one elsewhere on PATH.
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or name
+
+
+def flower_env(cfg: ServiceConfig) -> dict[str, str]:
+    """Environment for every Flower process of this service: its own FLWR_HOME, no telemetry."""
+    return os.environ | {
+        "FLWR_HOME": str(cfg.home / "flwr"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+def init_home(cfg: ServiceConfig, force: bool = False) -> list[Path]:
+    """Create the CA, the server certificate (SANs = cfg.hosts) and coordinator.toml in cfg.home."""
+    toml = cfg.home / "coordinator.toml"
+    if toml.exists() and not force:
+        raise ServiceError(f"{toml} already exists; use --force to create new certificates and settings")
+    ca_pem, ca_key = make_ca(cfg.tls_dir)
+    server_pem, server_key = make_server_cert(ca_pem, ca_key, cfg.hosts, cfg.tls_dir)
+    cfg.nodes_dir.mkdir(parents=True, exist_ok=True)
+    toml.write_text(cfg.to_toml(), encoding="utf-8")
+    return [toml, ca_pem, ca_key, server_pem, server_key]
+
+
+def register_key(cfg: ServiceConfig, public_key: Path) -> str:
+    """Allow a node: keep its public key under nodes/ (and tell a running SuperLink at once)."""
+    fingerprint = key_fingerprint(load_node_public_key(public_key))
+    target = cfg.nodes_dir / f"{fingerprint.replace(':', '-')}.pub"
+    cfg.nodes_dir.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(public_key.read_bytes())
+    if superlink_running(cfg):
+        _register_live(cfg, target)
+    return fingerprint
+
+
+def revoke_key(cfg: ServiceConfig, fingerprint: str) -> None:
+    """Stop allowing a node; a running SuperLink drops it at once. Flower never re-admits a revoked key."""
+    target = cfg.nodes_dir / f"{fingerprint.replace(':', '-')}.pub"
+    if not target.exists():
+        known = ", ".join(p.stem.replace("-", ":", 1) for p in sorted(cfg.nodes_dir.glob("*.pub"))) or "none"
+        raise ServiceError(f"no registered node has fingerprint {fingerprint} (registered: {known})")
+    node_ids = _node_ids(cfg)
+    if superlink_running(cfg) and fingerprint in node_ids:
+        _flwr(cfg, ["supernode", "unregister", str(node_ids[fingerprint]), CONNECTION])
+    node_ids.pop(fingerprint, None)
+    _save_node_ids(cfg, node_ids)
+    target.unlink()
+
+
+def registered(cfg: ServiceConfig) -> list[str]:
+    return [p.stem.replace("-", ":", 1) for p in sorted(cfg.nodes_dir.glob("*.pub"))]
+
+
+def _node_ids(cfg: ServiceConfig) -> dict[str, int]:
+    path = cfg.state_dir / "node-ids.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_node_ids(cfg: ServiceConfig, ids: dict[str, int]) -> None:
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.state_dir / "node-ids.json.tmp"
+    tmp.write_text(json.dumps(ids, indent=1))
+    os.replace(tmp, cfg.state_dir / "node-ids.json")
+
+
+def _flwr(cfg: ServiceConfig, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_bin("flwr"), *args], env=flower_env(cfg), capture_output=True, text=True, timeout=timeout, cwd=cfg.home
+    )
+
+
+def _register_live(cfg: ServiceConfig, pub: Path) -> None:
+    fingerprint = key_fingerprint(load_node_public_key(pub))
+    done = _flwr(cfg, ["supernode", "register", str(pub), CONNECTION, "--format", "json"])
+    if "already in use" in done.stdout + done.stderr:
+        return  # registered before; the SuperLink's database remembers it
+    try:
+        node_id = int(json.loads(done.stdout)["node-id"])
+    except (ValueError, KeyError, TypeError):
+        raise ServiceError(f"registering {pub} with the SuperLink failed: {(done.stdout + done.stderr).strip()[-500:]}") from None
+    _save_node_ids(cfg, _node_ids(cfg) | {fingerprint: node_id})
+
+
+def check_tls(cfg: ServiceConfig) -> None:
+    for name in ("ca.pem", "server.pem"):
+        load_certificate(cfg.tls_dir / name)
+    for name in ("ca.key", "server.key"):
+        if not (cfg.tls_dir / name).is_file():
+            raise CertificateError(f"{cfg.tls_dir / name} does not exist; run `fedtune-coordinator init`")
+
+
+def write_connection(cfg: ServiceConfig) -> None:
+    """The flwr CLI's connection to this service's SuperLink, in this service's own FLWR_HOME."""
+    host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::", "") else cfg.listen
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{host}:{cfg.port}"']
+    lines.append("insecure = true" if cfg.insecure else f'root-certificates = "{(cfg.tls_dir / "ca.pem").resolve()}"')
+    home = cfg.home / "flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _pid_file(cfg: ServiceConfig) -> Path:
+    return cfg.state_dir / "superlink.pid"
+
+
+def superlink_running(cfg: ServiceConfig) -> bool:
+    try:
+        pid = int(_pid_file(cfg).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def start_superlink(cfg: ServiceConfig) -> subprocess.Popen:
+    """Start the SuperLink (its own process group) and wait until its port accepts connections."""
+    if superlink_running(cfg):
+        raise ServiceError(f"a SuperLink of this coordinator is already running (PID file {_pid_file(cfg)})")
+    if _port_open("127.0.0.1" if cfg.listen in ("0.0.0.0", "::") else cfg.listen, cfg.port):
+        raise ServiceError(f"port {cfg.port} is already in use on this host; set `port` in coordinator.toml")
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        _bin("flower-superlink"),
+        "--database",
+        str(cfg.state_dir / "superlink.db"),  # registered nodes and runs survive a restart
+        "--disable-runtime-dependency-installation",  # the app's code is fedtune, installed here
+        "--host",
+        cfg.listen,
+        "--port",
+        str(cfg.port),
+    ]
+    if cfg.insecure:
+        cmd.append("--insecure")
+    else:
+        tls = cfg.tls_dir.resolve()
+        cmd += ["--ssl-ca-certfile", str(tls / "ca.pem"), "--ssl-certfile", str(tls / "server.pem")]
+        cmd += ["--ssl-keyfile", str(tls / "server.key"), "--enable-supernode-auth"]
+    log = (cfg.state_dir / "superlink.log").open("a")
+    proc = subprocess.Popen(cmd, env=flower_env(cfg), stdout=log, stderr=subprocess.STDOUT, cwd=cfg.home, start_new_session=True)
+    _pid_file(cfg).write_text(str(proc.pid))
+    host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::") else cfg.listen
+    deadline = time.monotonic() + 60
+    while not _port_open(host, cfg.port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            tail = (cfg.state_dir / "superlink.log").read_text()[-1500:]
+            raise ServiceError(f"the Flower SuperLink did not start; its log ends:\n{tail}")
+        time.sleep(0.3)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 15) -> None:
+    """Stop a process and everything in its group (SuperExec, ServerApp), also when the leader already exited."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        if not _group_alive(proc.pid, grace):
+            return
+
+
+def _group_alive(pgid: int, wait: float) -> bool:
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def write_app(cfg: ServiceConfig, out_dir: Path) -> Path:
+    """The Flower app folder: only a pyproject naming fedtune's installed ServerApp/ClientApp and the run config."""
+    app = cfg.home / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[project]",
+        'name = "fedtune"',
+        'version = "1.0.0"',
+        'description = "fedtune: federated, differentially private fine-tuning"',
+        'license = "Apache-2.0"',
+        "dependencies = []",
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedtune"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "coordinator.deploy:app"',
+        'clientapp = "client.deploy:app"',
+        "",
+        "[tool.flwr.app.config]",
+    ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in cfg.run_config(out_dir).items()]
+    (app / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return app
+
+
+def submit_and_follow(cfg: ServiceConfig, app: Path, echo: Callable[[str], None]) -> tuple[int | None, str]:
+    """`flwr run --stream`: follow the ServerApp's log until the run ends; returns (run id, final status)."""
+    proc = subprocess.Popen(
+        [_bin("flwr"), "run", str(app), CONNECTION, "--stream"],
+        env=flower_env(cfg),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cfg.home,
+        start_new_session=True,
+    )
+    run_id = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if run_id is None and (m := re.search(r"started run (\d+)", line)):
+                run_id = int(m.group(1))
+            echo(line.rstrip("\n"))
+        proc.wait()
+    finally:
+        stop_process(proc)
+    if run_id is None:
+        return None, "not-started"
+    # `flwr run` exits 0 even when the ServerApp failed: ask the SuperLink how the run ended.
+    done = _flwr(cfg, ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
+    try:
+        runs = json.loads(done.stdout)["runs"]
+        run = runs[0]
+        status = str(run.get("status", "unknown"))
+        details = str(run.get("status-details", "") or "")
+    except (ValueError, KeyError, IndexError, TypeError):
+        return run_id, "unknown"
+    return run_id, status + (f": {details}" if details and details != "None" else "")
+
+
+def new_run_dir(cfg: ServiceConfig) -> Path:
+    out = cfg.runs_dir / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_service(cfg: ServiceConfig, echo: Callable[[str], None], keep_running: bool = False) -> dict[str, Any]:
+    """Start the SuperLink, admit the registered nodes, submit the run, follow it, then stop (unless asked to stay)."""
+    if not cfg.insecure:
+        check_tls(cfg)
+    write_connection(cfg)
+    superlink = start_superlink(cfg)
+    try:
+        if not cfg.insecure:
+            for pub in sorted(cfg.nodes_dir.glob("*.pub")):
+                _register_live(cfg, pub)
+        out_dir = new_run_dir(cfg)
+        echo(
+            f"SuperLink PID {superlink.pid} on {cfg.listen}:{cfg.port}; {len(registered(cfg))} registered node(s); "
+            f"waiting for {cfg.min_clients} to connect; results -> {out_dir}"
+        )
+        run_id, status = submit_and_follow(cfg, write_app(cfg, out_dir), echo)
+        results = out_dir / "results.json"
+        if not status.startswith("finished:completed") or not results.exists():
+            raise ServiceError(f"run {run_id} did not complete ({status}); SuperLink log: {cfg.state_dir / 'superlink.log'}")
+        if keep_running:
+            echo("run finished; SuperLink keeps serving (Ctrl-C to stop)")
+            superlink.wait()
+        return {"run_id": run_id, "status": status, "out_dir": str(out_dir), **json.loads(results.read_text())}
+    finally:
+        stop_process(superlink)
+        _pid_file(cfg).unlink(missing_ok=True)

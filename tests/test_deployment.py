@@ -1,0 +1,221 @@
+"""Real processes on 127.0.0.1: a TLS coordinator with node authentication and three data-holding clients."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import TINY_LABELS, sentiment_rows
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout)
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started, by its PID (fedtune-* stop their own Flower children on SIGTERM)."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def descendants(procs: list[subprocess.Popen]) -> list[psutil.Process]:
+    """Every process our processes started (SuperLink, SuperNodes, SuperExecs, Server/ClientApps)."""
+    out = []
+    for proc in procs:
+        try:
+            out += psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def write_data(path: Path, n: int, offset: int) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(sentiment_rows(n + offset)[offset:])
+    return path
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    from coordinator.service_config import read_service_config
+
+    base = tmp_path_factory.mktemp("deploy")
+    port = free_port()
+    init = cli(
+        "fedtune-coordinator",
+        "init",
+        "--out",
+        str(base / "coord"),
+        "--labels",
+        ",".join(TINY_LABELS),
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    )
+    assert init.returncode == 0, init.stderr
+    toml = base / "coord" / "coordinator.toml"
+    cfg = dataclasses.replace(
+        read_service_config(toml), model=str(tiny_model_dir), num_rounds=2, min_clients=3, batch_size=16, max_length=32
+    )
+    toml.write_text(cfg.to_toml())
+    for i in range(4):  # node 3 makes a key but is never registered
+        assert cli("fedtune-client", "keygen", "--out", str(base / f"node{i}")).returncode == 0
+    for i in range(3):
+        reg = cli("fedtune-coordinator", "register", str(base / f"node{i}" / "node.pub"), "--config", str(toml))
+        assert reg.returncode == 0, reg.stderr
+
+    coordinator = start(["fedtune-coordinator", "start", "--config", str(toml)], base / "coordinator.log")
+    started: list[subprocess.Popen] = [coordinator]
+    ca = base / "coord" / "tls" / "ca.pem"
+
+    def client(i: int, ca_file: Path, log: str) -> list[str]:
+        data = write_data(base / f"data{i}.csv", 48, 48 * i)
+        return [
+            "fedtune-client",
+            "start",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--ca",
+            str(ca_file),
+            "--key",
+            str(base / f"node{i}" / "node.key"),
+            "--data",
+            str(data),
+            "--home",
+            str(base / f"home{i}"),
+            "--runtime-port",
+            str(free_port()),
+            "--epsilon",
+            "8",
+        ]
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (base / "coord" / "state" / "superlink.pid").exists() or not _connectable(port):
+            assert coordinator.poll() is None, (base / "coordinator.log").read_text()
+            assert time.monotonic() < deadline, "coordinator did not open its port"
+            time.sleep(0.5)
+        # Refusals first, while the coordinator waits for its three clients.
+        refused = {
+            "unregistered": subprocess.run(
+                [str(BIN / "fedtune-client"), *client(3, ca, "x")[1:]], capture_output=True, text=True, timeout=120
+            ),
+            "wrong-ca": subprocess.run(
+                [str(BIN / "fedtune-client"), *client(0, _other_ca(base), "x")[1:]],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            ),
+        }
+        plain_http = _plain_http(port)
+        clients = [start(client(i, ca, f"client{i}.log"), base / f"client{i}.log") for i in range(3)]
+        started += clients
+        coordinator.wait(timeout=600)
+        yield {
+            "base": base,
+            "cfg": cfg,
+            "coordinator_rc": coordinator.returncode,
+            "refused": refused,
+            "plain_http": plain_http,
+            "logs": {p.name: p.read_text() for p in base.glob("*.log")},
+        }
+    finally:
+        spawned = descendants(started)
+        for proc in reversed(started):
+            stop(proc)
+        _, leftovers = psutil.wait_procs(spawned, timeout=20)
+        for p in leftovers:
+            p.kill()
+        assert not leftovers, f"processes left running: {[p.cmdline()[:2] for p in leftovers]}"
+
+
+def _connectable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _other_ca(base: Path) -> Path:
+    from privacy.certs import make_ca
+
+    return make_ca(base / "other-ca")[0]
+
+
+def _plain_http(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            return f"status {r.status}"
+    except (urllib.error.URLError, ConnectionError, OSError) as err:
+        return f"refused: {type(err).__name__}: {err}"
+
+
+def test_two_rounds_complete_with_results_and_model(federation) -> None:
+    assert federation["coordinator_rc"] == 0, federation["logs"]["coordinator.log"][-3000:]
+    (run_dir,) = (federation["base"] / "coord" / "runs").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    trained = results["rounds"][2]["clients"]
+    assert len(trained) == 3
+    assert all(0 < c["epsilon"] <= 8 and c["declined"] == 0 for c in trained.values())
+    assert results["final"]["accuracy"] >= 0
+    from transformers import pipeline
+
+    classify = pipeline("text-classification", model=str(run_dir / "model"), device="cpu")
+    assert classify("good")[0]["label"] in TINY_LABELS
+
+
+def test_each_client_shows_its_epsilon_locally(federation) -> None:
+    for i in range(3):
+        log = federation["logs"][f"client{i}.log"]
+        assert "stay on this host" in log and "epsilon" in log.split("joining", 1)[1], log[-2000:]
+
+
+def test_unregistered_key_is_refused_with_a_clear_message(federation) -> None:
+    done = federation["refused"]["unregistered"]
+    assert done.returncode == 2
+    assert "not registered" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_wrong_ca_fails_the_tls_handshake_with_a_clear_message(federation) -> None:
+    done = federation["refused"]["wrong-ca"]
+    assert done.returncode == 2
+    assert "TLS handshake" in done.stderr and "not signed by the CA" in done.stderr, done.stderr
+
+
+def test_plain_http_gets_no_session(federation) -> None:
+    assert federation["plain_http"].startswith("refused"), federation["plain_http"]
