@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +23,23 @@ def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
     return MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float, list))})
 
 
+class JoinTimeout(RuntimeError):
+    """Too few clients connected before the join deadline."""
+
+
+def wait_for_clients(grid: Grid, needed: int, timeout: float) -> int:
+    """Block until `needed` clients are connected; Flower's own sampling would wait forever."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() > deadline:
+            raise JoinTimeout(f"only {connected} of {needed} clients connected within {timeout:.0f} s; stopping the run")
+        time.sleep(1.0)
+    return connected
+
+
 def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None) -> dict[str, Any]:
     """Run every round on `grid`, then write results.json, plots and the exported model."""
+    wait_for_clients(grid, num_clients, cfg.join_timeout)
     model = build_model(cfg.model, cfg.labels)
     initial = ArrayRecord(trainable_state(model))
     header = {**cfg.metadata, "labels": list(cfg.labels), "strategy": cfg.strategy, "num_rounds": cfg.num_rounds}

@@ -29,6 +29,7 @@ class CoordinatorConfig:
     proximal_mu: float = 0.01  # FedProx only
     server_learning_rate: float = 0.01  # FedAdam only (eta)
     round_timeout: float = 3600.0
+    join_timeout: float = 600.0  # how long to wait for min_clients to connect before giving up
     metadata: dict = field(default_factory=dict)  # extra facts recorded in results.json
 
     def __post_init__(self) -> None:
@@ -44,6 +45,7 @@ class CoordinatorConfig:
             (self.proximal_mu >= 0, f"proximal mu must be >= 0, got {self.proximal_mu}"),
             (self.server_learning_rate > 0, f"server learning rate must be > 0, got {self.server_learning_rate}"),
             (self.round_timeout > 0, f"round timeout must be > 0, got {self.round_timeout}"),
+            (self.join_timeout > 0, f"join timeout must be > 0, got {self.join_timeout}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -36,6 +36,7 @@ def config_from_run(run_config: dict[str, Any]) -> tuple[CoordinatorConfig, int]
         proximal_mu=float(run_config["proximal-mu"]),
         server_learning_rate=float(run_config["server-learning-rate"]),
         round_timeout=float(run_config["round-timeout"]),
+        join_timeout=float(run_config["join-timeout"]),
         metadata=json.loads(str(run_config.get("metadata", "{}"))),
     )
     return cfg, cfg.min_clients

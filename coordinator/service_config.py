@@ -38,6 +38,7 @@ class ServiceConfig:
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
     round_timeout: float = 3600.0
+    join_timeout: float = 600.0
     # clients' local training (the same for every client; privacy is each data holder's own setting)
     optimizer: str = "sgd"
     learning_rate: float = 0.05
@@ -94,6 +95,7 @@ class ServiceConfig:
             "proximal-mu": self.proximal_mu,
             "server-learning-rate": self.server_learning_rate,
             "round-timeout": self.round_timeout,
+            "join-timeout": self.join_timeout,
             "optimizer": self.optimizer,
             "learning-rate": self.learning_rate,
             "head-learning-rate": self.head_learning_rate,

@@ -88,7 +88,13 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     assert init.returncode == 0, init.stderr
     toml = base / "coord" / "coordinator.toml"
     cfg = dataclasses.replace(
-        read_service_config(toml), model=str(tiny_model_dir), num_rounds=2, min_clients=3, batch_size=16, max_length=32
+        read_service_config(toml),
+        model=str(tiny_model_dir),
+        num_rounds=2,
+        min_clients=3,
+        batch_size=16,
+        max_length=32,
+        join_timeout=300,
     )
     toml.write_text(cfg.to_toml())
     for i in range(4):  # node 3 makes a key but is never registered
@@ -123,11 +129,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         ]
 
     try:
-        deadline = time.monotonic() + 60
-        while not (base / "coord" / "state" / "superlink.pid").exists() or not _connectable(port):
-            assert coordinator.poll() is None, (base / "coordinator.log").read_text()
-            assert time.monotonic() < deadline, "coordinator did not open its port"
-            time.sleep(0.5)
+        wait_until_ready(coordinator, base / "coordinator.log")
         # Refusals first, while the coordinator waits for its three clients.
         refused = {
             "unregistered": subprocess.run(
@@ -162,12 +164,13 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         assert not leftovers, f"processes left running: {[p.cmdline()[:2] for p in leftovers]}"
 
 
-def _connectable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
+def wait_until_ready(coordinator: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """The coordinator prints "waiting for N to connect" once its SuperLink is up and its nodes are registered."""
+    deadline = time.monotonic() + timeout
+    while "waiting for" not in log.read_text():
+        assert coordinator.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "coordinator not ready: " + log.read_text()[-3000:]
+        time.sleep(0.5)
 
 
 def _other_ca(base: Path) -> Path:
@@ -219,3 +222,110 @@ def test_wrong_ca_fails_the_tls_handshake_with_a_clear_message(federation) -> No
 
 def test_plain_http_gets_no_session(federation) -> None:
     assert federation["plain_http"].startswith("refused"), federation["plain_http"]
+
+
+NETNS = ("fedtune-test-coord", "fedtune-test-client")
+SUBNET = ("10.213.7.1", "10.213.7.2")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: the coordinator's host and a data holder's host."""
+    if os.geteuid() != 0 or not Path("/usr/sbin/ip").exists() and not Path("/sbin/ip").exists():
+        pytest.skip("network namespaces need root and iproute2 (`ip netns`)")
+    try:
+        for ns in NETNS:
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30)  # a previous crash
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("link", "add", "ftveth0", "netns", NETNS[0], "type", "veth", "peer", "name", "ftveth1", "netns", NETNS[1])
+        for ns, dev, addr in ((NETNS[0], "ftveth0", SUBNET[0]), (NETNS[1], "ftveth1", SUBNET[1])):
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+    except (subprocess.CalledProcessError, OSError) as err:
+        pytest.skip(f"cannot create network namespaces here: {err}")
+    yield NETNS
+    for ns in NETNS:
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30)
+
+
+def test_client_joins_over_a_non_loopback_address(two_hosts, tmp_path: Path, tiny_model_dir: Path) -> None:
+    from coordinator.service_config import read_service_config
+
+    coord_ns, client_ns = two_hosts
+    in_ns = lambda ns, *args: ["ip", "netns", "exec", ns, str(BIN / args[0]), *args[1:]]  # noqa: E731
+    port = 9443
+    assert (
+        cli(
+            "fedtune-coordinator",
+            "init",
+            "--out",
+            str(tmp_path / "coord"),
+            "--labels",
+            ",".join(TINY_LABELS),
+            "--listen",
+            SUBNET[0],
+            "--port",
+            str(port),
+        ).returncode
+        == 0
+    )
+    toml = tmp_path / "coord" / "coordinator.toml"
+    cfg = read_service_config(toml)
+    assert SUBNET[0] in cfg.hosts  # the certificate names the address the client dials
+    toml.write_text(
+        dataclasses.replace(
+            cfg, model=str(tiny_model_dir), num_rounds=1, min_clients=1, join_timeout=240, batch_size=16, max_length=32
+        ).to_toml()
+    )
+    assert cli("fedtune-client", "keygen", "--out", str(tmp_path / "node")).returncode == 0
+    assert cli("fedtune-coordinator", "register", str(tmp_path / "node" / "node.pub"), "--config", str(toml)).returncode == 0
+    data = write_data(tmp_path / "data.csv", 48, 0)
+    started = [
+        subprocess.Popen(
+            in_ns(coord_ns, "fedtune-coordinator", "start", "--config", str(toml)),
+            stdout=(tmp_path / "coordinator.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+    ]
+    try:
+        wait_until_ready(started[0], tmp_path / "coordinator.log")
+        started.append(
+            subprocess.Popen(
+                in_ns(
+                    client_ns,
+                    "fedtune-client",
+                    "start",
+                    "--coordinator",
+                    f"{SUBNET[0]}:{port}",
+                    "--ca",
+                    str(tmp_path / "coord" / "tls" / "ca.pem"),
+                    "--key",
+                    str(tmp_path / "node" / "node.key"),
+                    "--data",
+                    str(data),
+                    "--home",
+                    str(tmp_path / "home"),
+                ),
+                stdout=(tmp_path / "client.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
+        assert started[0].wait(timeout=600) == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
+    finally:
+        spawned = descendants(started)
+        for proc in reversed(started):
+            stop(proc)
+        _, leftovers = psutil.wait_procs(spawned, timeout=20)
+        for p in leftovers:
+            p.kill()
+    (run_dir,) = (tmp_path / "coord" / "runs").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    (report,) = results["rounds"][1]["clients"].values()
+    assert report["declined"] == 0 and report["epsilon"] > 0
+    assert "round 1: trained" in (tmp_path / "client.log").read_text()
+    assert not leftovers
