@@ -16,6 +16,7 @@ from client.evaluate import evaluate
 from client.model import build_model, load_tokenizer, load_trainable_state, trainable_state
 from client.train import Encoded, encode, plan_round, projected_epsilon, train_round
 from privacy import History, epsilon_spent
+from privacy.ledger import Ledger, fingerprint_rows
 
 log = logging.getLogger("fedtune.client")
 
@@ -23,7 +24,7 @@ log = logging.getLogger("fedtune.client")
 DataFn = Callable[[dict[str, Any]], datasets.Dataset]
 
 _STATE_KEY = "fedtune-privacy"  # Context.state entry holding this node's accountant history
-_ENCODED: dict[tuple, tuple[Encoded, Encoded]] = {}  # per-process cache: tokenise a node's data once
+_ENCODED: dict[tuple, tuple[Encoded, Encoded, str]] = {}  # per-process cache: tokenise a node's data once
 
 
 def client_id(context: Context) -> int:
@@ -34,7 +35,8 @@ def client_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", context.node_id % 2**53))
 
 
-def _local_data(cfg: ClientConfig, data_fn: DataFn, node_config: dict[str, Any]) -> tuple[Encoded, Encoded]:
+def _local_data(cfg: ClientConfig, data_fn: DataFn, node_config: dict[str, Any]) -> tuple[Encoded, Encoded, str]:
+    """(training split, local evaluation split, the dataset's fingerprint), tokenised once per process."""
     key = (data_fn, tuple(sorted(node_config.items())), cfg.model.name, cfg.model.max_length, cfg.train)
     if key not in _ENCODED:
         examples = data_fn(node_config)
@@ -44,7 +46,13 @@ def _local_data(cfg: ClientConfig, data_fn: DataFn, node_config: dict[str, Any])
             train, held = split["train"], split["test"]
         else:
             train, held = examples, examples.select([])
-        _ENCODED[key] = (encode(train, tokenizer, cfg.model.max_length), encode(held, tokenizer, cfg.model.max_length))
+        # Keyed by text and label *name*: the same file gives the same key whatever id order a run uses.
+        fingerprint = fingerprint_rows((t, cfg.labels[y]) for t, y in zip(examples["text"], examples["label"]))
+        _ENCODED[key] = (
+            encode(train, tokenizer, cfg.model.max_length),
+            encode(held, tokenizer, cfg.model.max_length),
+            fingerprint,
+        )
     return _ENCODED[key]
 
 
@@ -66,6 +74,16 @@ def save_history(context: Context, history: History) -> None:
     )
 
 
+def _history_metrics(history: History) -> dict[str, Any]:
+    # The full (noise, rate, steps) history travels so that anyone can recompute the epsilon reported.
+    return {
+        "steps": sum(h[2] for h in history),
+        "history-noise": [float(h[0]) for h in history],
+        "history-rate": [float(h[1]) for h in history],
+        "history-steps": [int(h[2]) for h in history],
+    }
+
+
 def _reply(msg: Message, metrics: dict[str, Any], arrays: ArrayRecord | None = None) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
@@ -73,15 +91,25 @@ def _reply(msg: Message, metrics: dict[str, Any], arrays: ArrayRecord | None = N
     return Message(content=content, reply_to=msg)
 
 
-def handle_train(msg: Message, context: Context, cfg: ClientConfig, data_fn: DataFn, budgets: Mapping[int, float]) -> Message:
+def handle_train(
+    msg: Message,
+    context: Context,
+    cfg: ClientConfig,
+    data_fn: DataFn,
+    budgets: Mapping[int, float],
+    ledger_path: str | None = None,
+) -> Message:
     """One round: check the budget, train, and reply with trainable weights and aggregate metrics."""
     cid = client_id(context)
     budget = budgets.get(cid, cfg.privacy.budget)
     config = msg.content["config"]
     server_round, num_rounds = int(config["server-round"]), int(config["num-rounds"])
-    train, _ = _local_data(cfg, data_fn, dict(context.node_config))
-    history = load_history(context)
-    metrics: dict[str, Any] = {"client-id": cid, "dp": int(cfg.privacy.enabled), "declined": 0}
+    train, _, fingerprint = _local_data(cfg, data_fn, dict(context.node_config))
+    path = context.node_config.get("ledger") or ledger_path
+    ledger = Ledger(str(path)) if path and cfg.privacy.enabled else None
+    # With a ledger, privacy composes over every run ever made on this data; without, over this run.
+    history = ledger.history(fingerprint) if ledger is not None else load_history(context)
+    metrics: dict[str, Any] = {"client-id": cid, "dp": int(cfg.privacy.enabled), "declined": 0, "ledger": int(ledger is not None)}
     plan = None
     if cfg.privacy.enabled:
         plan = plan_round(len(train), cfg, num_rounds)
@@ -93,6 +121,17 @@ def handle_train(msg: Message, context: Context, cfg: ClientConfig, data_fn: Dat
             "sample-rate": plan.sample_rate,
             "budget-epsilon": budget,
         }
+        if ledger is not None and after <= budget:
+            # Record the round's cost before training: a crash may then over-count, never under-count.
+            after = ledger.reserve(
+                fingerprint,
+                plan.as_history(),
+                budget=budget,
+                delta=cfg.privacy.delta,
+                accountant=cfg.privacy.accountant,
+                run_id=str(context.run_id),
+                round_id=server_round,
+            ).epsilon_after
         if after > budget:
             log.warning(
                 "client %s declines round %s: epsilon would reach %.3f, over its budget %.3f",
@@ -101,9 +140,7 @@ def handle_train(msg: Message, context: Context, cfg: ClientConfig, data_fn: Dat
                 after,
                 budget,
             )
-            return _reply(
-                msg, metrics | {"declined": 1, "num-examples": 0, "epsilon": spent, "steps": sum(h[2] for h in history)}
-            )
+            return _reply(msg, metrics | {"declined": 1, "num-examples": 0, "epsilon": spent, **_history_metrics(history)})
     model = build_model(cfg.model, cfg.labels)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     outcome = train_round(
@@ -120,7 +157,7 @@ def handle_train(msg: Message, context: Context, cfg: ClientConfig, data_fn: Dat
     metrics |= {"num-examples": len(train), "train-loss": outcome.mean_loss}
     if cfg.privacy.enabled:
         eps = epsilon_spent(outcome.history, cfg.privacy.delta, cfg.privacy.accountant)
-        metrics |= {"epsilon": eps, "steps": sum(h[2] for h in outcome.history)}
+        metrics |= {"epsilon": eps, **_history_metrics(outcome.history)}
         log.info(
             "client %s round %s: epsilon %.3f of %.3f (delta %g, %s)",
             cid,
@@ -135,7 +172,7 @@ def handle_train(msg: Message, context: Context, cfg: ClientConfig, data_fn: Dat
 
 def handle_evaluate(msg: Message, context: Context, cfg: ClientConfig, data_fn: DataFn) -> Message:
     """Evaluate the global model on this node's held-back local split; reply with metrics only."""
-    _, held = _local_data(cfg, data_fn, dict(context.node_config))
+    _, held, _ = _local_data(cfg, data_fn, dict(context.node_config))
     metrics: dict[str, Any] = {"client-id": client_id(context), "num-examples": len(held)}
     if held:
         model = build_model(cfg.model, cfg.labels)
@@ -145,19 +182,24 @@ def handle_evaluate(msg: Message, context: Context, cfg: ClientConfig, data_fn: 
 
 
 def make_client_app(
-    cfg: ClientConfig, data_fn: DataFn, budgets: Mapping[int, float] | None = None, mods: Sequence[Mod] = ()
+    cfg: ClientConfig,
+    data_fn: DataFn,
+    budgets: Mapping[int, float] | None = None,
+    mods: Sequence[Mod] = (),
+    ledger: str | None = None,
 ) -> ClientApp:
     """The ClientApp for data holders whose examples `data_fn` loads on their own host.
 
     `budgets` overrides the epsilon budget of individual clients (by client id); `mods` are
-    Flower client mods applied to every message.
+    Flower client mods applied to every message; `ledger` is a privacy ledger file shared by the
+    simulated data holders (each keyed by its data's fingerprint).
     """
     app = ClientApp(mods=list(mods))
     budgets = dict(budgets or {})
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, cfg, data_fn, budgets)
+        return handle_train(msg, context, cfg, data_fn, budgets, ledger)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

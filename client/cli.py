@@ -41,7 +41,42 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--home", type=Path, default=Path.home() / ".fedtune" / "client", help="state and logs folder")
     start.add_argument("--runtime-port", type=int, default=9094, help="local port for Flower's ClientApp runtime")
     start.add_argument("--insecure", action="store_true", help="no TLS (testing only; loudly flagged)")
+    start.add_argument("--ledger", type=Path, help="privacy ledger file (default HOME/ledger.json)")
+
+    budget = sub.add_parser("budget", help="show the privacy ledger: epsilon spent per dataset and per run")
+    budget.add_argument("--home", type=Path, default=Path.home() / ".fedtune" / "client", help="state folder")
+    budget.add_argument("--ledger", type=Path, help="privacy ledger file (default HOME/ledger.json)")
+    budget.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
+
+
+def show_budget(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from rich.table import Table
+
+    from privacy.ledger import Ledger
+
+    path = args.ledger or args.home / "ledger.json"
+    if not path.exists():
+        console.print(f"no privacy ledger at {path} yet: nothing has been spent")
+        return 0
+    summary = Ledger(path).summary()
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    table = Table(title=f"privacy ledger {path}")
+    for col in ("dataset", "unit", "spent", "budget", "remaining", "delta", "accountant", "runs (rounds: epsilon added)"):
+        table.add_column(col)
+    for d in summary:
+        runs = "; ".join(f"{r}: {v['rounds']} rounds, +{v['epsilon_added']:.3f}" for r, v in d["runs"].items())
+        budget = "-" if d["budget"] is None else f"{d['budget']:g}"
+        remaining = "-" if d["remaining"] is None else f"{d['remaining']:.3f}"
+        table.add_row(
+            d["fingerprint"][:19], d["unit"], f"{d['spent']:.3f}", budget, remaining, f"{d['delta']:g}", d["accountant"], runs
+        )
+    console.print(table)
+    return 0
 
 
 def keygen(args: argparse.Namespace, console: Console) -> int:
@@ -61,6 +96,7 @@ def start(args: argparse.Namespace, console: Console) -> int:
     from client.config import PrivacySpec
     from client.data import load_examples
     from client.supernode import NodeSettings, check_files, run_supernode
+    from privacy.ledger import Ledger, fingerprint_rows
 
     if args.ca is None and not args.insecure:
         raise ValueError("--ca is required (the coordinator's ca.pem); only --insecure runs without it")
@@ -93,9 +129,15 @@ def start(args: argparse.Namespace, console: Console) -> int:
             "max-grad-norm": privacy.max_grad_norm,
             "accountant": privacy.accountant,
             "device": args.device,
+            "ledger": str((args.ledger or args.home / "ledger.json").resolve()),
         },
     )
     fingerprint = check_files(settings)
+    ledger = Ledger(settings.node_config["ledger"])
+    data_key = fingerprint_rows((t, found[y]) for t, y in zip(examples["text"], examples["label"]))
+    spent = ledger.spent(data_key, privacy.delta, privacy.accountant) if privacy.enabled else 0.0
+    if privacy.enabled and spent > 0:
+        console.print(f"fedtune-client: the ledger says epsilon {spent:.3f} of {privacy.budget:g} is already spent on this data")
     if args.no_dp:
         console.print(Panel(DP_OFF_WARNING, title="WARNING", style="bold red"))
     if args.insecure:
@@ -118,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     from client.data import DataError
     from client.supernode import ClientStartError
     from privacy.certs import CertificateError
+    from privacy.ledger import LedgerError
 
     try:
-        return keygen(args, console) if args.command == "keygen" else start(args, console)
-    except (ConfigError, DataError, CertificateError, ClientStartError, ValueError, OSError) as err:
+        commands = {"keygen": keygen, "start": start, "budget": show_budget}
+        return commands[args.command](args, console)
+    except (ConfigError, DataError, CertificateError, ClientStartError, LedgerError, ValueError, OSError) as err:
         console.print(f"[bold red]fedtune-client: error:[/] {err}", highlight=False)
         return 2
     except KeyboardInterrupt:

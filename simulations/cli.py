@@ -39,6 +39,8 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--delta", "delta", float, "delta (default 1e-5)"),
     ("--max-grad-norm", "max_grad_norm", float, "per-sample clipping norm (default 1.0)"),
     ("--accountant", "accountant", str, "rdp | prv (default rdp)"),
+    ("--budget-epsilon", "budget_epsilon", float, "every client's hard epsilon limit (default: the target epsilon)"),
+    ("--ledger", "ledger", str, "privacy ledger file; epsilon then composes across runs on the same data"),
     ("--optimizer", "optimizer", str, "client optimizer: sgd (momentum 0.9) | adamw (default sgd)"),
     ("--lr", "learning_rate", float, "client learning rate for adapters / encoder weights (default 0.05)"),
     ("--head-lr", "head_learning_rate", float, "client learning rate for the classification head (default 2.0)"),

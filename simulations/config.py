@@ -49,7 +49,9 @@ class SimulationConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    budget_epsilon: float = 0.0  # every client's hard limit; 0 means the target epsilon
     client_budgets: dict[int, float] = field(default_factory=dict)  # client id -> epsilon budget
+    ledger: str = ""  # a privacy ledger file: epsilon then composes across runs on the same data
     # local training
     optimizer: str = "sgd"
     learning_rate: float = 0.05

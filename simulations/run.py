@@ -8,6 +8,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import datasets
@@ -50,6 +51,7 @@ def client_config(cfg: SimulationConfig, labels: tuple[str, ...]) -> ClientConfi
             delta=cfg.delta,
             max_grad_norm=cfg.max_grad_norm,
             accountant=cfg.accountant,
+            budget_epsilon=cfg.budget_epsilon or None,
         ),
         train=_same_named(TrainSpec, cfg),
     )
@@ -78,6 +80,7 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
     data_fn = PartitionData(data_spec)
     sizes = data_fn.sizes()
     ccfg = client_config(cfg, labels)
+    ledger = str(Path(cfg.ledger).resolve()) if cfg.ledger else None
     if not cfg.dp:
         console.print(Panel(DP_OFF_WARNING, title="WARNING", style="bold red"))
     tokenizer = load_tokenizer(cfg.model)
@@ -93,6 +96,8 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
             "target_epsilon": cfg.epsilon if cfg.dp else None,
             "delta": cfg.delta if cfg.dp else None,
             "max_grad_norm": cfg.max_grad_norm if cfg.dp else None,
+            "budget_epsilon": (cfg.budget_epsilon or cfg.epsilon) if cfg.dp else None,
+            "ledger": ledger,
             **({} if cfg.dp else {"warning": DP_OFF_WARNING}),
         },
         "data": {
@@ -127,7 +132,7 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
     server_app = make_server_app(
         coord, cfg.num_clients, evaluator=lambda model: evaluate(model, held_encoded, tokenizer, 64, device)
     )
-    client_app = make_client_app(ccfg, data_fn, cfg.client_budgets, client_mods)
+    client_app = make_client_app(ccfg, data_fn, cfg.client_budgets, client_mods, ledger)
     gpus = cfg.gpus_per_client if cfg.gpus_per_client > 0 else (0.5 if device.type == "cuda" else 0.0)
     run_simulation(
         server_app=server_app,

@@ -208,6 +208,19 @@ def test_each_client_shows_its_epsilon_locally(federation) -> None:
         assert "stay on this host" in log and "epsilon" in log.split("joining", 1)[1], log[-2000:]
 
 
+def test_client_ledger_on_disk_holds_what_the_coordinator_reports(federation) -> None:
+    (run_dir,) = (federation["base"] / "coord" / "runs").iterdir()
+    reported = sorted(c["epsilon"] for c in json.loads((run_dir / "results.json").read_text())["clients"].values())
+    spent = []
+    for i in range(3):
+        done = cli("fedtune-client", "budget", "--home", str(federation["base"] / f"home{i}"), "--json")
+        assert done.returncode == 0, done.stderr
+        (entry,) = json.loads(done.stdout)
+        assert entry["budget"] == 8 and entry["accountant"] == "rdp" and list(entry["runs"].values())[0]["rounds"] == 2
+        spent.append(entry["spent"])
+    assert sorted(spent) == pytest.approx(reported)
+
+
 def test_unregistered_key_is_refused_with_a_clear_message(federation) -> None:
     done = federation["refused"]["unregistered"]
     assert done.returncode == 2

@@ -71,6 +71,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             client_budgets={2: 0.05},
             out=str(base / "run"),
             seed=1,
+            ledger=str(base / "ledger.json"),
         ),
     )
     cloudpickle.register_pickle_by_value(this_module)  # Ray workers cannot import the tests package
@@ -149,3 +150,42 @@ def test_only_arrays_and_metrics_leave_a_client(run) -> None:
     for path in out.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.fixture(scope="module")
+def second_run(run):
+    """The same federation again on the same data and ledger, with a budget that fits 3 of its 4 rounds."""
+    import dataclasses
+
+    from privacy.accounting import epsilon_spent
+    from simulations.run import simulate
+
+    cfg, results, out, _ = run
+    after = {}
+    for cid in ("0", "1"):
+        # Opacus merges consecutive steps with the same noise and rate into one history entry.
+        rep = results["rounds"][2]["clients"][cid]
+        z, q, per_round = rep["history-noise"][-1], rep["history-rate"][-1], sum(rep["history-steps"]) // 2
+        after[cid] = [epsilon_spent([(z, q, per_round * k)], cfg.delta, "rdp") for k in (3, 4)]
+    low, high = max(a[0] for a in after.values()), min(a[1] for a in after.values())
+    assert low < high
+    budget = (low + high) / 2
+    cfg2 = dataclasses.replace(cfg, out=str(out.parent / "run2"), budget_epsilon=budget, client_budgets={})
+    return budget, simulate(cfg2)
+
+
+def test_second_run_on_the_same_data_starts_from_the_ledger_and_declines_at_the_budget(run, second_run) -> None:
+    from privacy.ledger import Ledger
+
+    cfg, first, _, _ = run
+    budget, second = second_run
+    for cid in ("0", "1"):
+        r1, r2 = second["rounds"][1]["clients"][cid], second["rounds"][2]["clients"][cid]
+        assert r1["declined"] == 0 and r1["epsilon"] > first["clients"][cid]["epsilon"]  # composed with run 1
+        assert r2["declined"] == 1 and r2["epsilon"] == pytest.approx(r1["epsilon"])  # nothing more spent
+        per_round = sum(first["rounds"][1]["clients"][cid]["history-steps"])
+        assert sum(r2["history-steps"]) == 3 * per_round  # two rounds of run 1, one of run 2
+    summary = Ledger(cfg.ledger).summary()
+    # Client 2 spent nothing in run 1 (its budget was below one round), then two rounds in run 2.
+    assert sorted([v["rounds"] for v in e["runs"].values()] for e in summary) == [[2], [2, 1], [2, 1]]
+    assert all(e["spent"] <= budget for e in summary)

@@ -1,0 +1,155 @@
+"""The data holder's privacy ledger: every DP step ever taken on a dataset, on its own disk, written before training."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from privacy.accounting import History, epsilon_spent
+
+UNIT = "example"  # sample-level DP-SGD: one row of the data file is what is protected
+
+
+class LedgerError(RuntimeError):
+    """The ledger file cannot be read or written; the message says which and why."""
+
+
+def fingerprint_rows(rows: Iterable[tuple[str, object]]) -> str:
+    """A content hash of a dataset (text and label of every row, in order): the ledger's key for it."""
+    digest = hashlib.sha256()
+    for text, label in rows:
+        digest.update(json.dumps([text, str(label)], ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return "sha256:" + digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The outcome of asking the ledger for one more round."""
+
+    granted: bool
+    epsilon_before: float
+    epsilon_after: float  # what the total would be (granted: now is) with the round
+    budget: float
+
+
+class Ledger:
+    """A JSON file of per-dataset DP histories; each round's cost is recorded before the round trains.
+
+    Recording first means a crash after the write may count a round that never finished (conservative),
+    but never forgets one that did. Writes are atomic (temp file, fsync, rename) under an exclusive lock.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"version": 1, "datasets": {}}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise LedgerError(f"privacy ledger {self.path} is unreadable ({err}); refusing to train without it") from None
+        if not isinstance(data, dict) or "datasets" not in data:
+            raise LedgerError(f"privacy ledger {self.path} is not a fedtune ledger; refusing to train without it")
+        return data
+
+    def _write(self, data: dict[str, Any]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power cut
+        finally:
+            os.close(dir_fd)
+
+    @staticmethod
+    def _key(fingerprint: str, unit: str) -> str:
+        return f"{fingerprint}|{unit}"
+
+    def history(self, fingerprint: str, unit: str = UNIT) -> History:
+        """Every (noise multiplier, sample rate, steps) ever recorded for this dataset, oldest first."""
+        entry = self.read()["datasets"].get(self._key(fingerprint, unit))
+        return [] if entry is None else [tuple(step[:3]) for step in entry["steps"]]  # type: ignore[misc]
+
+    def spent(self, fingerprint: str, delta: float, accountant: str, unit: str = UNIT) -> float:
+        return epsilon_spent(self.history(fingerprint, unit), delta, accountant)
+
+    def reserve(
+        self,
+        fingerprint: str,
+        steps: History,
+        *,
+        budget: float,
+        delta: float,
+        accountant: str,
+        run_id: str,
+        round_id: int,
+        unit: str = UNIT,
+    ) -> Reservation:
+        """Record `steps` for this dataset if the composed epsilon stays within `budget`; else record nothing."""
+        with self._locked():
+            data = self.read()
+            entry = data["datasets"].setdefault(
+                self._key(fingerprint, unit), {"fingerprint": fingerprint, "unit": unit, "steps": []}
+            )
+            history = [tuple(s[:3]) for s in entry["steps"]]
+            before = epsilon_spent(history, delta, accountant)  # type: ignore[arg-type]
+            after = epsilon_spent(history + list(steps), delta, accountant)  # type: ignore[operator]
+            if after > budget:
+                return Reservation(False, before, after, budget)
+            stamp = time.time()
+            entry["steps"] += [[float(z), float(q), int(n), run_id, int(round_id), stamp] for z, q, n in steps]
+            entry |= {"delta": delta, "accountant": accountant, "budget": budget, "epsilon": after}
+            self._write(data)
+            return Reservation(True, before, after, budget)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per dataset: spent epsilon, budget, accountant, delta and the epsilon each run added."""
+        out = []
+        for entry in self.read()["datasets"].values():
+            delta, accountant = entry.get("delta", 1e-5), entry.get("accountant", "rdp")
+            runs: dict[str, History] = {}
+            history: History = []
+            per_run = {}
+            for z, q, n, run_id, *_ in entry["steps"]:
+                before = epsilon_spent(history, delta, accountant)
+                history.append((z, q, n))
+                runs.setdefault(run_id, []).append((z, q, n))
+                per_run[run_id] = per_run.get(run_id, 0.0) + epsilon_spent(history, delta, accountant) - before
+            spent = epsilon_spent(history, delta, accountant)
+            out.append(
+                {
+                    "fingerprint": entry["fingerprint"],
+                    "unit": entry["unit"],
+                    "accountant": accountant,
+                    "delta": delta,
+                    "budget": entry.get("budget"),
+                    "spent": spent,
+                    "remaining": None if entry.get("budget") is None else max(entry["budget"] - spent, 0.0),
+                    "runs": {r: {"rounds": len(h), "epsilon_added": per_run[r]} for r, h in runs.items()},
+                }
+            )
+        return out
