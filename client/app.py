@@ -109,7 +109,15 @@ def handle_train(
     ledger = Ledger(str(path)) if path and cfg.privacy.enabled else None
     # With a ledger, privacy composes over every run ever made on this data; without, over this run.
     history = ledger.history(fingerprint) if ledger is not None else load_history(context)
-    metrics: dict[str, Any] = {"client-id": cid, "dp": int(cfg.privacy.enabled), "declined": 0, "ledger": int(ledger is not None)}
+    metrics: dict[str, Any] = {
+        "client-id": cid,
+        "dp": int(cfg.privacy.enabled),
+        "declined": 0,
+        "ledger": int(ledger is not None),
+        "unit-weight": 1,  # for central DP's equal weighting
+        "max-grad-norm": cfg.privacy.max_grad_norm,
+        "accountant-prv": int(cfg.privacy.accountant == "prv"),  # metrics hold numbers only: 0 = rdp
+    }
     plan = None
     if cfg.privacy.enabled:
         plan = plan_round(len(train), cfg, num_rounds)
@@ -173,7 +181,7 @@ def handle_train(
 def handle_evaluate(msg: Message, context: Context, cfg: ClientConfig, data_fn: DataFn) -> Message:
     """Evaluate the global model on this node's held-back local split; reply with metrics only."""
     _, held, _ = _local_data(cfg, data_fn, dict(context.node_config))
-    metrics: dict[str, Any] = {"client-id": client_id(context), "num-examples": len(held)}
+    metrics: dict[str, Any] = {"client-id": client_id(context), "num-examples": len(held), "unit-weight": 1}
     if held:
         model = build_model(cfg.model, cfg.labels)
         load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())

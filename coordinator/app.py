@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from client.model import build_model, export_model, load_tokenizer, load_trainable_state, trainable_state
 from coordinator.config import CoordinatorConfig
 from coordinator.report import RunRecorder
-from coordinator.strategy import PrivacyTracking, build_strategy
+from coordinator.strategy import PrivacyTracking, build_strategy, client_level_epsilon, sampled_per_round
 
 # Central evaluation: given the global model, return metrics such as accuracy, macro-f1 and loss.
 Evaluator = Callable[[torch.nn.Module], dict[str, Any]]
@@ -69,7 +69,22 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
     final = result.arrays if len(result.arrays) else initial  # empty when no round aggregated anything
     load_trainable_state(model, final.to_torch_state_dict())
     model_dir = export_model(model.cpu(), load_tokenizer(cfg.model.name), cfg.out_dir / "model")
-    return recorder.finish({"model_dir": model_dir.name})
+    extra: dict[str, Any] = {"model_dir": model_dir.name}
+    if cfg.central_dp:
+        releases = sum(1 for r in result.train_metrics_clientapp.values() if r)  # rounds that aggregated
+        sampled = sampled_per_round(cfg, num_clients)
+        extra["central_dp"] = {
+            "mechanism": "DP-FedAvg, server-side fixed clipping (Flower), equal client weights",
+            "noise_multiplier": cfg.central_noise_multiplier,
+            "clipping_norm": cfg.central_clipping_norm,
+            "num_sampled_clients": sampled,
+            "noise_std": cfg.central_noise_multiplier * cfg.central_clipping_norm / sampled,
+            "delta": cfg.central_delta,
+            "releases": releases,
+            "epsilon": client_level_epsilon(cfg, releases),
+            "accountant": "Opacus RDP, no amplification by client sampling",
+        }
+    return recorder.finish(extra)
 
 
 def make_server_app(cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None = None) -> ServerApp:

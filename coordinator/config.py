@@ -30,6 +30,11 @@ class CoordinatorConfig:
     server_learning_rate: float = 0.01  # FedAdam only (eta)
     round_timeout: float = 3600.0
     join_timeout: float = 600.0  # how long to wait for min_clients to connect before giving up
+    # User-level (client-level) central DP: clip each client's update, add noise to the aggregate.
+    central_dp: bool = False
+    central_noise_multiplier: float = 1.0
+    central_clipping_norm: float = 1.0
+    central_delta: float = 1e-5
     metadata: dict = field(default_factory=dict)  # extra facts recorded in results.json
 
     def __post_init__(self) -> None:
@@ -46,6 +51,10 @@ class CoordinatorConfig:
             (self.server_learning_rate > 0, f"server learning rate must be > 0, got {self.server_learning_rate}"),
             (self.round_timeout > 0, f"round timeout must be > 0, got {self.round_timeout}"),
             (self.join_timeout > 0, f"join timeout must be > 0, got {self.join_timeout}"),
+            (self.central_noise_multiplier > 0, f"central noise multiplier must be > 0, got {self.central_noise_multiplier}"),
+            (self.central_clipping_norm > 0, f"central clipping norm must be > 0, got {self.central_clipping_norm}"),
+            (0 < self.central_delta < 1, f"central delta must be in (0, 1), got {self.central_delta}"),
+            (not self.central_dp or self.strategy != "fedadam", "central DP wraps fedavg or fedprox, not fedadam"),
         ]
         for ok, message in checks:
             if not ok:

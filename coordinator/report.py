@@ -108,7 +108,9 @@ class RunRecorder:
             for cid, rep in self.rounds[r]["clients"].items():
                 c = out.setdefault(cid, {"rounds_trained": [], "rounds_declined": []})
                 (c["rounds_declined"] if rep.get("declined") else c["rounds_trained"]).append(r)
-                for key in ("epsilon", "delta", "budget-epsilon", "noise-multiplier", "sample-rate", "steps"):
+                keys = ("epsilon", "delta", "budget-epsilon", "noise-multiplier", "sample-rate", "steps", "max-grad-norm")
+                keys += ("history-noise", "history-rate", "history-steps", "ledger", "accountant-prv")
+                for key in keys:
                     if key in rep:
                         c[key.replace("-", "_")] = rep[key]
         return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
@@ -128,6 +130,7 @@ class RunRecorder:
             **extra,
         }
         write_json_atomic(self.out_dir / "results.json", results)
+        write_json_atomic(self.out_dir / "privacy.json", privacy_report(results))
         plot_metrics(rounds, self.out_dir / "plots" / "metrics.png")
         plot_epsilon(rounds, self.out_dir / "plots" / "epsilon.png")
         self.print_summary(results)
@@ -159,6 +162,40 @@ class RunRecorder:
             )
         self.console.print(table)
         self.console.print(clients)
+        central = results.get("central_dp")
+        if central:
+            self.console.print(
+                f"client-level (central) DP: epsilon {central['epsilon']:.3f} at delta {central['delta']:g} after "
+                f"{central['releases']} noisy aggregates (noise multiplier {central['noise_multiplier']}, clipping norm "
+                f"{central['clipping_norm']}, noise std {central['noise_std']:.4g}; {central['accountant']})"
+            )
+
+
+def privacy_report(results: dict[str, Any]) -> dict[str, Any]:
+    """Every privacy number of the run with what is needed to recompute it (privacy.json)."""
+    clients = {}
+    for cid, c in results["clients"].items():
+        history = [list(h) for h in zip(c.get("history_noise", []), c.get("history_rate", []), c.get("history_steps", []))]
+        clients[cid] = {
+            "dp": "epsilon" in c,
+            "epsilon": c.get("epsilon"),
+            "delta": c.get("delta"),
+            "accountant": "prv" if c.get("accountant_prv") else "rdp",
+            "budget_epsilon": c.get("budget_epsilon"),
+            "noise_multiplier": c.get("noise_multiplier"),
+            "sample_rate": c.get("sample_rate"),
+            "steps": c.get("steps"),
+            "max_grad_norm": c.get("max_grad_norm"),
+            "history": history,  # [noise multiplier, sample rate, steps] in Opacus' accountant format
+            "composed_across_runs": bool(c.get("ledger")),
+            "rounds_trained": c["rounds_trained"],
+            "rounds_declined": c["rounds_declined"],
+        }
+    return {
+        "sample_level": {"unit": "example", "mechanism": "DP-SGD (Opacus, Poisson sampling)", "clients": clients},
+        "client_level": results.get("central_dp"),
+        "declined": {cid: c["rounds_declined"] for cid, c in clients.items() if c["rounds_declined"]},
+    }
 
 
 def plot_metrics(rounds: list[dict[str, Any]], path: Path) -> None:

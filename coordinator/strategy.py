@@ -7,9 +7,16 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
 from coordinator.config import CoordinatorConfig
+from privacy import epsilon_spent
 
 ClientReport = dict[str, float]
 # Called once per round with each replying client's id and its train metrics (epsilon, declined, ...).
@@ -27,14 +34,15 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
 
 def aggregate_evaluate_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
     """Pool the clients' confusion matrices, so accuracy and macro-F1 are those of all local examples."""
-    metrics = [r["metrics"] for r in replies if r["metrics"][weight_key] > 0]
+    # Pooled over examples whatever weight aggregation uses (central DP weighs clients equally).
+    metrics = [r["metrics"] for r in replies if r["metrics"]["num-examples"] > 0 and "confusion" in r["metrics"]]
     if not metrics:
         return MetricRecord({})
     k = int(round(len(metrics[0]["confusion"]) ** 0.5))
     confusion = np.sum([np.reshape(m["confusion"], (k, k)) for m in metrics], axis=0)
     tp, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
     f1 = np.divide(2 * tp, predicted + actual, out=np.zeros(k), where=(predicted + actual) > 0)
-    weights = [m[weight_key] for m in metrics]
+    weights = [m["num-examples"] for m in metrics]
     return MetricRecord(
         {
             "loss": float(np.average([m["loss"] for m in metrics], weights=weights)),
@@ -45,8 +53,24 @@ def aggregate_evaluate_metrics(replies: list[RecordDict], weight_key: str) -> Me
     )
 
 
+def sampled_per_round(cfg: CoordinatorConfig, num_available: int) -> int:
+    """How many clients train each round (Flower's own rule: the fraction, at least the minimum)."""
+    return max(int(num_available * cfg.fraction_train), min(cfg.min_clients, num_available))
+
+
+def client_level_epsilon(cfg: CoordinatorConfig, releases: int) -> float:
+    """Central DP's epsilon after `releases` noisy aggregates, without amplification by sampling (as Flower)."""
+    return epsilon_spent([(cfg.central_noise_multiplier, 1.0, releases)], cfg.central_delta, "rdp")
+
+
 def build_strategy(cfg: CoordinatorConfig, num_available: int) -> Strategy:
-    """The configured Flower strategy; it waits for `num_available` clients before sampling."""
+    """The configured Flower strategy; it waits for `num_available` clients before sampling.
+
+    With central DP, Flower's server-side fixed-clipping wrapper clips each update to
+    `central_clipping_norm` and adds Gaussian noise with std z * C / (clients sampled) to the average,
+    which is only the right sensitivity if every client weighs the same: so clients are weighted
+    equally ("unit-weight") instead of by example count.
+    """
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -56,6 +80,15 @@ def build_strategy(cfg: CoordinatorConfig, num_available: int) -> Strategy:
         train_metrics_aggr_fn=aggregate_train_metrics,
         evaluate_metrics_aggr_fn=aggregate_evaluate_metrics,
     )
+    if cfg.central_dp:
+        common["weighted_by_key"] = "unit-weight"
+        inner: Strategy = FedProx(**common, proximal_mu=cfg.proximal_mu) if cfg.strategy == "fedprox" else FedAvg(**common)
+        return DifferentialPrivacyServerSideFixedClipping(
+            inner,
+            noise_multiplier=cfg.central_noise_multiplier,
+            clipping_norm=cfg.central_clipping_norm,
+            num_sampled_clients=sampled_per_round(cfg, num_available),
+        )
     if cfg.strategy == "fedprox":
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "fedadam":

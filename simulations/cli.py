@@ -40,6 +40,9 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-grad-norm", "max_grad_norm", float, "per-sample clipping norm (default 1.0)"),
     ("--accountant", "accountant", str, "rdp | prv (default rdp)"),
     ("--budget-epsilon", "budget_epsilon", float, "every client's hard epsilon limit (default: the target epsilon)"),
+    ("--central-noise", "central_noise_multiplier", float, "central DP noise multiplier (default 1.0)"),
+    ("--central-clip", "central_clipping_norm", float, "central DP clipping norm of each client's update (default 1.0)"),
+    ("--central-delta", "central_delta", float, "central DP delta (default 1e-5)"),
     ("--ledger", "ledger", str, "privacy ledger file; epsilon then composes across runs on the same data"),
     ("--optimizer", "optimizer", str, "client optimizer: sgd (momentum 0.9) | adamw (default sgd)"),
     ("--lr", "learning_rate", float, "client learning rate for adapters / encoder weights (default 0.05)"),
@@ -70,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
         help="comma-separated label names in id order (default: inferred from the data)",
     )
     p.add_argument("--full-finetune", dest="lora", action="store_false", help="train all weights instead of LoRA adapters")
+    p.add_argument(
+        "--central-dp", dest="central_dp", action="store_true", help="add user-level DP on the coordinator (DP-FedAvg)"
+    )
     p.add_argument("--no-dp", dest="dp", action="store_false", help="turn differential privacy OFF (flagged in results)")
     p.add_argument(
         "--client-budget",

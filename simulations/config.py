@@ -51,7 +51,11 @@ class SimulationConfig:
     accountant: str = "rdp"
     budget_epsilon: float = 0.0  # every client's hard limit; 0 means the target epsilon
     client_budgets: dict[int, float] = field(default_factory=dict)  # client id -> epsilon budget
-    ledger: str = ""  # a privacy ledger file: epsilon then composes across runs on the same data
+    ledger: str = ""
+    central_dp: bool = False  # user-level DP on the coordinator (DP-FedAvg), on top of DP-SGD
+    central_noise_multiplier: float = 1.0
+    central_clipping_norm: float = 1.0
+    central_delta: float = 1e-5  # a privacy ledger file: epsilon then composes across runs on the same data
     # local training
     optimizer: str = "sgd"
     learning_rate: float = 0.05

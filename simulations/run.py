@@ -126,6 +126,10 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
         min_clients=min(2, cfg.num_clients),
         proximal_mu=cfg.proximal_mu,
         server_learning_rate=cfg.server_learning_rate,
+        central_dp=cfg.central_dp,
+        central_noise_multiplier=cfg.central_noise_multiplier,
+        central_clipping_norm=cfg.central_clipping_norm,
+        central_delta=cfg.central_delta,
         metadata=metadata,
     )
     device = ccfg.train.torch_device()

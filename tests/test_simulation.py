@@ -170,7 +170,15 @@ def second_run(run):
     low, high = max(a[0] for a in after.values()), min(a[1] for a in after.values())
     assert low < high
     budget = (low + high) / 2
-    cfg2 = dataclasses.replace(cfg, out=str(out.parent / "run2"), budget_epsilon=budget, client_budgets={})
+    cfg2 = dataclasses.replace(
+        cfg,
+        out=str(out.parent / "run2"),
+        budget_epsilon=budget,
+        client_budgets={},
+        central_dp=True,
+        central_noise_multiplier=0.8,
+        central_clipping_norm=0.5,
+    )
     return budget, simulate(cfg2)
 
 
@@ -189,3 +197,93 @@ def test_second_run_on_the_same_data_starts_from_the_ledger_and_declines_at_the_
     # Client 2 spent nothing in run 1 (its budget was below one round), then two rounds in run 2.
     assert sorted([v["rounds"] for v in e["runs"].values()] for e in summary) == [[2], [2, 1], [2, 1]]
     assert all(e["spent"] <= budget for e in summary)
+
+
+def test_privacy_report_epsilons_agree_with_google_dp_accounting(run) -> None:
+    import dp_accounting
+
+    from privacy.accounting import epsilon_spent
+
+    _, _, out, _ = run
+    report = json.loads((out / "privacy.json").read_text())
+    clients = report["sample_level"]["clients"]
+    assert report["declined"] == {"2": [1, 2]}
+    checked = 0
+    for c in clients.values():
+        if not c["history"]:
+            continue
+        assert c["accountant"] == "rdp" and c["max_grad_norm"] == 1.0
+        events = [
+            dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)
+            for z, q, n in c["history"]
+        ]
+        rdp = dp_accounting.rdp.RdpAccountant()
+        pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+        for event in events:
+            rdp.compose(event)
+            pld.compose(event)
+        assert c["epsilon"] == pytest.approx(rdp.get_epsilon(c["delta"]), rel=0.01)
+        # PLD (Google) and PRV (Opacus) are both near-exact numerical accountants: they agree up to discretisation.
+        prv = epsilon_spent([tuple(h) for h in c["history"]], c["delta"], "prv")
+        assert pld.get_epsilon(c["delta"]) == pytest.approx(prv, rel=0.03)
+        assert pld.get_epsilon(c["delta"]) <= c["epsilon"]  # RDP is an upper bound
+        checked += 1
+    assert checked == 2
+
+
+def test_central_dp_reports_client_level_epsilon(second_run) -> None:
+    import dp_accounting
+
+    _, second = second_run
+    central = second["central_dp"]
+    assert central["num_sampled_clients"] == 3 and central["releases"] == 2
+    assert central["noise_std"] == pytest.approx(0.8 * 0.5 / 3)
+    rdp = dp_accounting.rdp.RdpAccountant()
+    rdp.compose(dp_accounting.GaussianDpEvent(0.8), 2)
+    assert central["epsilon"] == pytest.approx(rdp.get_epsilon(central["delta"]), rel=0.01)
+
+
+def test_central_dp_noise_std_is_z_times_c_over_sampled_clients(monkeypatch) -> None:
+    """Flower's wrapper, as fedtune configures it: aggregate identical updates and measure the noise added."""
+    import numpy as np
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # Messages are made inside a run; pretend to be in one
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+    from client.model import ModelSpec
+    from coordinator.config import CoordinatorConfig
+    from coordinator.strategy import build_strategy
+
+    cfg = CoordinatorConfig(
+        labels=TINY_LABELS,
+        out_dir=Path("unused"),
+        model=ModelSpec(),
+        min_clients=4,
+        central_dp=True,
+        central_noise_multiplier=0.7,
+        central_clipping_norm=2.0,
+    )
+    strategy = build_strategy(cfg, num_available=4)
+    start = torch.zeros(400_000)
+    strategy.current_arrays = ArrayRecord({"w": start})  # what configure_train records
+    update = start + 0.1  # the same update from every client; each is clipped to norm 2 first
+    clipped = 0.1 * min(1.0, 2.0 / float(update.norm()))
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": update.clone()}),
+                    "metrics": MetricRecord({"num-examples": 10 * (i + 1), "unit-weight": 1, "train-loss": 0.5}),
+                }
+            ),
+            dst_node_id=i + 1,
+            message_type="train",
+        )
+        for i in range(4)
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    noise = arrays["w"].numpy() - clipped
+    assert float(np.std(noise)) == pytest.approx(0.7 * 2.0 / 4, rel=0.01)
+    assert abs(float(np.mean(noise))) < 0.01 * clipped + 5 * 0.35 / np.sqrt(noise.size)
