@@ -37,6 +37,10 @@ def config_from_run(run_config: dict[str, Any]) -> tuple[CoordinatorConfig, int]
         server_learning_rate=float(run_config["server-learning-rate"]),
         round_timeout=float(run_config["round-timeout"]),
         join_timeout=float(run_config["join-timeout"]),
+        central_dp=bool(run_config["central-dp"]),
+        central_noise_multiplier=float(run_config["central-noise-multiplier"]),
+        central_clipping_norm=float(run_config["central-clipping-norm"]),
+        central_delta=float(run_config["central-delta"]),
         metadata=json.loads(str(run_config.get("metadata", "{}"))),
     )
     return cfg, cfg.min_clients

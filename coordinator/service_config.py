@@ -39,6 +39,10 @@ class ServiceConfig:
     server_learning_rate: float = 0.01
     round_timeout: float = 3600.0
     join_timeout: float = 600.0
+    central_dp: bool = False  # user-level DP-FedAvg on top of the clients' DP-SGD
+    central_noise_multiplier: float = 1.0
+    central_clipping_norm: float = 1.0
+    central_delta: float = 1e-5
     # clients' local training (the same for every client; privacy is each data holder's own setting)
     optimizer: str = "sgd"
     learning_rate: float = 0.05
@@ -96,6 +100,10 @@ class ServiceConfig:
             "server-learning-rate": self.server_learning_rate,
             "round-timeout": self.round_timeout,
             "join-timeout": self.join_timeout,
+            "central-dp": self.central_dp,
+            "central-noise-multiplier": self.central_noise_multiplier,
+            "central-clipping-norm": self.central_clipping_norm,
+            "central-delta": self.central_delta,
             "optimizer": self.optimizer,
             "learning-rate": self.learning_rate,
             "head-learning-rate": self.head_learning_rate,
