@@ -53,7 +53,9 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
             recorder.global_evaluation(server_round, metrics)
             return _metric_record(metrics) if metrics else None
 
-        strategy = PrivacyTracking(build_strategy(cfg, num_clients), recorder.client_reports)
+        strategy = PrivacyTracking(
+            build_strategy(cfg, num_clients), recorder.client_reports, recorder.rejection, cfg.max_update_norm
+        )
         result = strategy.start(
             grid=grid,
             initial_arrays=initial,

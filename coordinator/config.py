@@ -30,6 +30,7 @@ class CoordinatorConfig:
     server_learning_rate: float = 0.01  # FedAdam only (eta)
     round_timeout: float = 3600.0
     join_timeout: float = 600.0  # how long to wait for min_clients to connect before giving up
+    max_update_norm: float = 1e4  # updates farther than this from the global weights are rejected
     # User-level (client-level) central DP: clip each client's update, add noise to the aggregate.
     central_dp: bool = False
     central_noise_multiplier: float = 1.0
@@ -51,6 +52,7 @@ class CoordinatorConfig:
             (self.server_learning_rate > 0, f"server learning rate must be > 0, got {self.server_learning_rate}"),
             (self.round_timeout > 0, f"round timeout must be > 0, got {self.round_timeout}"),
             (self.join_timeout > 0, f"join timeout must be > 0, got {self.join_timeout}"),
+            (self.max_update_norm > 0, f"max update norm must be > 0, got {self.max_update_norm}"),
             (self.central_noise_multiplier > 0, f"central noise multiplier must be > 0, got {self.central_noise_multiplier}"),
             (self.central_clipping_norm > 0, f"central clipping norm must be > 0, got {self.central_clipping_norm}"),
             (0 < self.central_delta < 1, f"central delta must be in (0, 1), got {self.central_delta}"),

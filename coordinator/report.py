@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -71,6 +72,11 @@ class RunRecorder:
     def client_reports(self, server_round: int, reports: dict[int, dict[str, float]]) -> None:
         """Sink for the strategy: every replying client's train metrics, privacy included."""
         self._round(server_round)["clients"] = {str(cid): _record(r) for cid, r in sorted(reports.items())}
+
+    def rejection(self, server_round: int, client: int, reason: str) -> None:
+        """Sink for the strategy: an update kept out of aggregation, and why."""
+        self._round(server_round).setdefault("rejected", {})[str(client)] = reason
+        self.console.print(f"[yellow]round {server_round}: rejected client {client}'s update: {escape(reason)}[/]")
 
     def global_evaluation(self, server_round: int, metrics: dict[str, Any]) -> None:
         """Called after each round (and once before the first) with the central evaluation."""

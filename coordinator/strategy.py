@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -16,11 +17,15 @@ from flwr.serverapp.strategy import (
 )
 
 from coordinator.config import CoordinatorConfig
+from coordinator.validation import update_problem
 from privacy import epsilon_spent
 
 ClientReport = dict[str, float]
 # Called once per round with each replying client's id and its train metrics (epsilon, declined, ...).
 ReportSink = Callable[[int, dict[int, ClientReport]], None]
+# Called with (round, client id, reason) for every update kept out of aggregation as invalid.
+RejectionSink = Callable[[int, int, str], None]
+log = logging.getLogger("fedtune.coordinator")
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -97,17 +102,35 @@ def build_strategy(cfg: CoordinatorConfig, num_available: int) -> Strategy:
 
 
 class PrivacyTracking(Strategy):
-    """Wraps a strategy: records each client's privacy report and keeps declined clients out of aggregation."""
+    """Wraps a strategy: records each client's privacy report, and keeps declined clients and invalid
+    updates (see coordinator/validation.py) out of aggregation."""
 
-    def __init__(self, inner: Strategy, sink: ReportSink) -> None:
+    def __init__(
+        self, inner: Strategy, sink: ReportSink, rejections: RejectionSink | None = None, max_update_norm: float = 1e4
+    ) -> None:
         self.inner = inner
         self.sink = sink
+        self.rejections = rejections or (lambda r, cid, why: None)
+        self.max_update_norm = max_update_norm
+        self.current: ArrayRecord | None = None
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.current = arrays  # what every update must match
         return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def _valid(self, server_round: int, msg: Message) -> bool:
+        if msg.has_error() or msg.content["metrics"].get("declined", 0) or self.current is None:
+            return True  # errors are Flower's to count; declined replies are dropped separately
+        cid = int(msg.content["metrics"].get("client-id", msg.metadata.src_node_id))
+        arrays = msg.content.array_records.get("arrays")
+        problem = "no weights in the reply" if arrays is None else update_problem(arrays, self.current, self.max_update_norm)
+        if problem:
+            log.warning("round %s: rejected the update of client %s: %s", server_round, cid, problem)
+            self.rejections(server_round, cid, problem)
+        return problem is None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
@@ -115,6 +138,7 @@ class PrivacyTracking(Strategy):
         self.sink(server_round, {int(m.content["metrics"]["client-id"]): dict(m.content["metrics"]) for m in ok})
         # A declined client sends no weights; averaging it in would drag the model back.
         kept = [m for m in replies if m.has_error() or not m.content["metrics"].get("declined", 0)]
+        kept = [m for m in kept if self._valid(server_round, m)]
         if not any(not m.has_error() for m in kept):
             return None, None  # nobody trained: keep the current global model
         return self.inner.aggregate_train(server_round, kept)
