@@ -66,14 +66,14 @@ def show_budget(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(summary, indent=1))
         return 0
     table = Table(title=f"privacy ledger {path}")
-    for col in ("dataset", "unit", "spent", "budget", "remaining", "delta", "accountant", "runs (rounds: epsilon added)"):
-        table.add_column(col)
+    for col in ("data", "unit", "spent", "budget", "left", "delta", "acct.", "per run: rounds, epsilon added"):
+        table.add_column(col, overflow="fold")
     for d in summary:
-        runs = "; ".join(f"{r}: {v['rounds']} rounds, +{v['epsilon_added']:.3f}" for r, v in d["runs"].items())
+        runs = "; ".join(f"…{r[-6:]}: {v['rounds']}, +{v['epsilon_added']:.3f}" for r, v in d["runs"].items())
         budget = "-" if d["budget"] is None else f"{d['budget']:g}"
         remaining = "-" if d["remaining"] is None else f"{d['remaining']:.3f}"
         table.add_row(
-            d["fingerprint"][:19], d["unit"], f"{d['spent']:.3f}", budget, remaining, f"{d['delta']:g}", d["accountant"], runs
+            d["fingerprint"][7:19], d["unit"], f"{d['spent']:.3f}", budget, remaining, f"{d['delta']:g}", d["accountant"], runs
         )
     console.print(table)
     return 0
@@ -93,6 +93,8 @@ def keygen(args: argparse.Namespace, console: Console) -> int:
 
 
 def start(args: argparse.Namespace, console: Console) -> int:
+    import datasets
+
     from client.config import PrivacySpec
     from client.data import load_examples
     from client.supernode import NodeSettings, check_files, run_supernode
@@ -108,6 +110,7 @@ def start(args: argparse.Namespace, console: Console) -> int:
         accountant=args.accountant,
         budget_epsilon=args.budget_epsilon,
     )
+    datasets.disable_progress_bars()  # reading a local file is quick; a bar per split is noise
     labels = tuple(x.strip() for x in args.labels.split(",")) if args.labels else None
     examples, found = load_examples(args.data, labels, args.text_column, args.label_column)
     settings = NodeSettings(
