@@ -153,8 +153,9 @@ class RunRecorder:
             g = r.get("global", {}) if central else r.get("federated_evaluation", {})
             if "accuracy" in g:
                 table.add_row(str(r["round"]), f"{g['accuracy']:.4f}", f"{g['macro-f1']:.4f}", f"{g['loss']:.4f}")
-        clients = Table(title="clients (privacy spent)")
-        for col in ("client", "epsilon", "delta", "budget", "rounds trained", "declined"):
+        clients = Table(title="clients: privacy spent (sample-level DP-SGD; details in privacy.json)")
+        clients.add_column("client", justify="right", no_wrap=True)
+        for col in ("epsilon", "delta", "budget", "acct", "z", "C", "rounds", "declined"):
             clients.add_column(col, justify="right")
         for cid, c in results["clients"].items():
             eps = c.get("epsilon")
@@ -163,6 +164,9 @@ class RunRecorder:
                 f"{eps:.3f}" if eps is not None else "no DP",
                 f"{c['delta']:g}" if "delta" in c else "-",
                 f"{c['budget_epsilon']:g}" if "budget_epsilon" in c else "-",
+                ("prv" if c.get("accountant_prv") else "rdp") if eps is not None else "-",
+                f"{c['noise_multiplier']:.3f}" if "noise_multiplier" in c else "-",
+                f"{c['max_grad_norm']:g}" if "max_grad_norm" in c else "-",
                 str(len(c["rounds_trained"])),
                 ", ".join(map(str, c["rounds_declined"])) or "-",
             )
