@@ -7,7 +7,7 @@ from pathlib import Path
 
 from client.model import ModelSpec
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
 
 class CoordinatorConfigError(ValueError):
@@ -30,6 +30,8 @@ class CoordinatorConfig:
     server_learning_rate: float = 0.01  # FedAdam only (eta)
     round_timeout: float = 3600.0
     join_timeout: float = 600.0  # how long to wait for min_clients to connect before giving up
+    trim_fraction: float = 0.2  # fedtrimmedavg: share cut from each end per coordinate
+    num_malicious: int = 0  # krum / multikrum: clients assumed Byzantine
     max_update_norm: float = 1e4  # updates farther than this from the global weights are rejected
     # User-level (client-level) central DP: clip each client's update, add noise to the aggregate.
     central_dp: bool = False
@@ -52,11 +54,13 @@ class CoordinatorConfig:
             (self.server_learning_rate > 0, f"server learning rate must be > 0, got {self.server_learning_rate}"),
             (self.round_timeout > 0, f"round timeout must be > 0, got {self.round_timeout}"),
             (self.join_timeout > 0, f"join timeout must be > 0, got {self.join_timeout}"),
+            (0 <= self.trim_fraction < 0.5, f"trim fraction must be in [0, 0.5), got {self.trim_fraction}"),
+            (self.num_malicious >= 0, f"number of malicious clients must be >= 0, got {self.num_malicious}"),
             (self.max_update_norm > 0, f"max update norm must be > 0, got {self.max_update_norm}"),
             (self.central_noise_multiplier > 0, f"central noise multiplier must be > 0, got {self.central_noise_multiplier}"),
             (self.central_clipping_norm > 0, f"central clipping norm must be > 0, got {self.central_clipping_norm}"),
             (0 < self.central_delta < 1, f"central delta must be in (0, 1), got {self.central_delta}"),
-            (not self.central_dp or self.strategy != "fedadam", "central DP wraps fedavg or fedprox, not fedadam"),
+            (not self.central_dp or self.strategy in ("fedavg", "fedprox"), "central DP wraps fedavg or fedprox only"),
         ]
         for ok, message in checks:
             if not ok:

@@ -12,7 +12,11 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
     Strategy,
 )
 
@@ -98,6 +102,16 @@ def build_strategy(cfg: CoordinatorConfig, num_available: int) -> Strategy:
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "fedadam":
         return FedAdam(**common, eta=cfg.server_learning_rate, eta_l=cfg.server_learning_rate)
+    # Robust aggregation against poisoned or broken updates (Flower's implementations).
+    if cfg.strategy == "fedmedian":
+        return FedMedian(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=cfg.trim_fraction)
+    if cfg.strategy == "krum":
+        return Krum(**common, num_malicious_nodes=cfg.num_malicious)
+    if cfg.strategy == "multikrum":
+        keep = max(1, sampled_per_round(cfg, num_available) - cfg.num_malicious)
+        return MultiKrum(**common, num_malicious_nodes=cfg.num_malicious, num_nodes_to_select=keep)
     return FedAvg(**common)
 
 

@@ -28,6 +28,8 @@ class SimulationConfig:
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
+    trim_fraction: float = 0.2
+    num_malicious: int = 0
     # data
     dataset: str = "vader"
     text_column: str = "text"

@@ -50,3 +50,23 @@ def test_invalid_updates_are_rejected_with_reasons_and_the_rest_aggregated() -> 
     assert "missing ['b']" in rejected[4]
     assert "no weights" in rejected[5]
     assert 0 not in rejected
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg", "krum", "multikrum"])
+def test_robust_strategies_resist_one_poisoned_update(name: str) -> None:
+    from pathlib import Path
+
+    from client.model import ModelSpec
+    from coordinator.config import CoordinatorConfig
+    from coordinator.strategy import build_strategy
+
+    cfg = CoordinatorConfig(
+        labels=("a", "b"), out_dir=Path("unused"), model=ModelSpec(), strategy=name, min_clients=5, num_malicious=1
+    )
+    strategy = PrivacyTracking(build_strategy(cfg, 5), lambda r, reports: None, max_update_norm=1e9)
+    strategy.current = ArrayRecord({"w": torch.zeros(50)})
+    torch.manual_seed(0)
+    honest = [{"w": 0.1 + 0.01 * torch.randn(50)} for _ in range(4)]
+    poisoned = {"w": torch.full((50,), 50.0)}  # finite and within the norm bound: only robust aggregation helps
+    arrays, _ = strategy.aggregate_train(1, [reply(i, w) for i, w in enumerate(honest)] + [reply(4, poisoned)])
+    assert float(torch.from_numpy(arrays["w"].numpy()).abs().max()) < 0.2, name
