@@ -37,6 +37,7 @@ def config_from_run(run_config: dict[str, Any]) -> tuple[CoordinatorConfig, int]
         server_learning_rate=float(run_config["server-learning-rate"]),
         round_timeout=float(run_config["round-timeout"]),
         join_timeout=float(run_config["join-timeout"]),
+        max_update_norm=float(run_config["max-update-norm"]),
         central_dp=bool(run_config["central-dp"]),
         central_noise_multiplier=float(run_config["central-noise-multiplier"]),
         central_clipping_norm=float(run_config["central-clipping-norm"]),

@@ -39,6 +39,7 @@ class ServiceConfig:
     server_learning_rate: float = 0.01
     round_timeout: float = 3600.0
     join_timeout: float = 600.0
+    max_update_norm: float = 1e4
     central_dp: bool = False  # user-level DP-FedAvg on top of the clients' DP-SGD
     central_noise_multiplier: float = 1.0
     central_clipping_norm: float = 1.0
@@ -100,6 +101,7 @@ class ServiceConfig:
             "server-learning-rate": self.server_learning_rate,
             "round-timeout": self.round_timeout,
             "join-timeout": self.join_timeout,
+            "max-update-norm": self.max_update_norm,
             "central-dp": self.central_dp,
             "central-noise-multiplier": self.central_noise_multiplier,
             "central-clipping-norm": self.central_clipping_norm,

@@ -24,6 +24,7 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--strategy", "strategy", str, "fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum | multikrum"),
     ("--trim-fraction", "trim_fraction", float, "fedtrimmedavg: share trimmed from each end (default 0.2)"),
     ("--num-malicious", "num_malicious", int, "krum/multikrum: clients assumed malicious (default 0)"),
+    ("--max-update-norm", "max_update_norm", float, "reject updates farther than this from the global weights (1e4)"),
     ("--proximal-mu", "proximal_mu", float, "FedProx proximal term (default 0.01)"),
     ("--server-lr", "server_learning_rate", float, "FedAdam server learning rate (default 0.01)"),
     ("--dataset", "dataset", str, "'vader' (embedded), a CSV/TSV/JSONL/Parquet file, or a hub dataset name"),

@@ -30,6 +30,7 @@ class SimulationConfig:
     server_learning_rate: float = 0.01
     trim_fraction: float = 0.2
     num_malicious: int = 0
+    max_update_norm: float = 1e4
     # data
     dataset: str = "vader"
     text_column: str = "text"

@@ -128,6 +128,7 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
         server_learning_rate=cfg.server_learning_rate,
         trim_fraction=cfg.trim_fraction,
         num_malicious=cfg.num_malicious,
+        max_update_norm=cfg.max_update_norm,
         central_dp=cfg.central_dp,
         central_noise_multiplier=cfg.central_noise_multiplier,
         central_clipping_norm=cfg.central_clipping_norm,
