@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
 DP_OFF_WARNING = (
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"keygen": keygen, "start": start, "budget": show_budget}
         return commands[args.command](args, console)
     except (ConfigError, DataError, CertificateError, ClientStartError, LedgerError, ValueError, OSError) as err:
-        console.print(f"[bold red]fedtune-client: error:[/] {err}", highlight=False)
+        # soft_wrap: the error stays one greppable line; escape: messages may hold [brackets]
+        console.print(f"[bold red]fedtune-client: error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("fedtune-client: stopped")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
 from coordinator.config import CoordinatorConfigError
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args, console)
     except (CoordinatorConfigError, CertificateError, ServiceError, OSError) as err:
-        console.print(f"[bold red]fedtune-coordinator: error:[/] {err}", highlight=False)
+        # soft_wrap: the error stays one greppable line; escape: messages may hold [brackets]
+        console.print(f"[bold red]fedtune-coordinator: error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("fedtune-coordinator: stopped")

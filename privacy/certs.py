@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -119,8 +120,9 @@ def _read(path: Path, what: str) -> bytes:
 
 def load_certificate(path: Path) -> x509.Certificate:
     """A PEM certificate that is currently valid, or a CertificateError naming the file."""
+    data = _read(path, "certificate")
     try:
-        cert = x509.load_pem_x509_certificate(_read(path, "certificate"))
+        cert = x509.load_pem_x509_certificate(data)
     except ValueError:
         raise CertificateError(f"{path} is not a PEM certificate (expected '-----BEGIN CERTIFICATE-----')") from None
     now = datetime.datetime.now(datetime.UTC)
@@ -133,9 +135,10 @@ def load_certificate(path: Path) -> x509.Certificate:
 
 def load_node_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """This node's OpenSSH EC private key, checked the way Flower's SuperNode will read it."""
+    data = _read(path, "node key")
     try:
-        key = serialization.load_ssh_private_key(_read(path, "node key"), password=None)
-    except ValueError:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, UnsupportedAlgorithm):
         raise CertificateError(f"{path} is not an OpenSSH private key; create one with `fedtune-client keygen`") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertificateError(f"{path} is not an elliptic-curve key; create one with `fedtune-client keygen`")
@@ -146,9 +149,10 @@ def load_node_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def load_node_public_key(path: Path) -> ec.EllipticCurvePublicKey:
     """A node's OpenSSH EC public key (what the operator registers)."""
+    data = _read(path, "node public key").strip()
     try:
-        key = serialization.load_ssh_public_key(_read(path, "node public key").strip())
-    except ValueError:
+        key = serialization.load_ssh_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
         raise CertificateError(f"{path} is not an OpenSSH public key (expected 'ecdsa-sha2-nistp384 AAAA...')") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CertificateError(f"{path} is not an elliptic-curve public key")

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from simulations.config import FIELDS, SimulationConfigError, build_config, read_toml
 
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         CoordinatorConfigError,
         PrivacyBudgetError,
     ) as err:
-        console.print(f"[bold red]fedtune-simulate: error:[/] {err}", highlight=False)
+        # soft_wrap: the error stays one greppable line; escape: messages may hold [brackets]
+        console.print(f"[bold red]fedtune-simulate: error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("fedtune-simulate: interrupted")
