@@ -38,11 +38,22 @@ def _takes_position_ids(model_type: type) -> bool:
     return "position_ids" in inspect.signature(model_type.forward).parameters
 
 
+def _innermost(model: torch.nn.Module) -> torch.nn.Module:
+    # The Transformer inside Opacus' GradSampleModule (`_module`) and peft's PeftModel (`get_base_model`):
+    # their own forward takes **kwargs, which would hide whether the Transformer takes position ids.
+    while True:
+        if isinstance(getattr(model, "_module", None), torch.nn.Module):
+            model = model._module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
 def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device):
     """Run the model with explicit, contiguous position ids (Opacus' BERT fix for full fine-tuning)."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if _takes_position_ids(type(base)):
+    if _takes_position_ids(type(_innermost(model))):
         b, length = batch["input_ids"].shape
         batch["position_ids"] = torch.arange(length, device=device).repeat(b, 1)
     return model(**batch)
