@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import datasets
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -17,6 +19,7 @@ from client.model import build_model, load_tokenizer, load_trainable_state, trai
 from client.train import Encoded, encode, plan_round, projected_epsilon, train_round
 from privacy import History, epsilon_spent
 from privacy.ledger import Ledger, fingerprint_rows
+from privacy.update_codec import quantize
 
 log = logging.getLogger("fedtune.client")
 
@@ -84,10 +87,14 @@ def _history_metrics(history: History) -> dict[str, Any]:
     }
 
 
-def _reply(msg: Message, metrics: dict[str, Any], arrays: ArrayRecord | None = None) -> Message:
+def _reply(
+    msg: Message, metrics: dict[str, Any], arrays: ArrayRecord | None = None, scales: ArrayRecord | None = None
+) -> Message:
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
         content["arrays"] = arrays
+    if scales is not None:  # an 8-bit update: see privacy/update_codec.py
+        content["scales"] = scales
     return Message(content=content, reply_to=msg)
 
 
@@ -151,6 +158,7 @@ def handle_train(
             return _reply(msg, metrics | {"declined": 1, "num-examples": 0, "epsilon": spent, **_history_metrics(history)})
     model = build_model(cfg.model, cfg.labels)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
+    began = time.perf_counter()
     outcome = train_round(
         model,
         train,
@@ -162,7 +170,8 @@ def handle_train(
         seed=cfg.train.seed * 100_003 + cid * 1_009 + server_round,
     )
     save_history(context, outcome.history)
-    metrics |= {"num-examples": len(train), "train-loss": outcome.mean_loss}
+    # train-seconds: local compute of the round (DP wiring included), for the coordinator's efficiency figures.
+    metrics |= {"num-examples": len(train), "train-loss": outcome.mean_loss, "train-seconds": time.perf_counter() - began}
     if cfg.privacy.enabled:
         eps = epsilon_spent(outcome.history, cfg.privacy.delta, cfg.privacy.accountant)
         metrics |= {"epsilon": eps, **_history_metrics(outcome.history)}
@@ -175,7 +184,15 @@ def handle_train(
             cfg.privacy.delta,
             cfg.privacy.accountant,
         )
-    return _reply(msg, metrics, ArrayRecord(trainable_state(model)))
+    return _reply(msg, metrics, *_encode(trainable_state(model), msg.content["arrays"], config, seed=cid * 1_009 + server_round))
+
+
+def _encode(state: dict[str, torch.Tensor], base: ArrayRecord, config: ConfigRecord, seed: int) -> tuple[ArrayRecord, ...]:
+    """The weights to send, as the coordinator asked: float32 as they are, or an 8-bit quantised difference."""
+    if str(config.get("update-encoding", "float32")) != "int8":
+        return (ArrayRecord(state),)
+    codes, scales = quantize({k: v.numpy() for k, v in state.items()}, {k: a.numpy() for k, a in base.items()}, seed)
+    return ArrayRecord({k: Array(v) for k, v in codes.items()}), ArrayRecord({k: Array(v) for k, v in scales.items()})
 
 
 def handle_evaluate(msg: Message, context: Context, cfg: ClientConfig, data_fn: DataFn) -> Message:

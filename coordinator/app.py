@@ -2,78 +2,119 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from client.model import build_model, export_model, load_tokenizer, load_trainable_state, trainable_state
+from coordinator.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_settings,
+    load_checkpoint,
+    restore_strategy_state,
+    save_checkpoint,
+    strategy_state,
+)
 from coordinator.config import CoordinatorConfig
-from coordinator.report import RunRecorder
+from coordinator.report import RunRecorder, write_json_atomic
+from coordinator.rounds import JoinTimeout, RoundFailed, RoundHooks, RoundPolicy, run_rounds, wait_for_clients
 from coordinator.strategy import PrivacyTracking, build_strategy, client_level_epsilon, sampled_per_round
 
 # Central evaluation: given the global model, return metrics such as accuracy, macro-f1 and loss.
 Evaluator = Callable[[torch.nn.Module], dict[str, Any]]
 
 
-def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
-    return MetricRecord({k: v for k, v in metrics.items() if isinstance(v, (int, float, list))})
+def resume_settings(cfg: CoordinatorConfig) -> dict[str, Any]:
+    """Settings a resumed run must share with the run it continues."""
+    m = cfg.model
+    return {
+        "labels": list(cfg.labels),
+        "model": m.name,
+        "lora": m.lora,
+        "lora_r": m.lora_r,
+        "num_rounds": cfg.num_rounds,
+        "strategy": cfg.strategy,
+        "central_dp": cfg.central_dp,
+    }
 
 
-class JoinTimeout(RuntimeError):
-    """Too few clients connected before the join deadline."""
+class _Hooks(RoundHooks):
+    """Round loop -> recorder, central evaluation and a checkpoint after every round."""
 
+    def __init__(self, recorder: RunRecorder, strategy: Strategy, evaluate: Callable[[int, ArrayRecord], None], cfg) -> None:
+        self.recorder, self.strategy, self.evaluate, self.cfg = recorder, strategy, evaluate, cfg
+        self.phase = recorder.phase
+        self.train_metrics = recorder.train_metrics
+        self.evaluate_metrics = recorder.evaluate_metrics
 
-def wait_for_clients(grid: Grid, needed: int, timeout: float) -> int:
-    """Block until `needed` clients are connected; Flower's own sampling would wait forever."""
-    deadline = time.monotonic() + timeout
-    while (connected := len(list(grid.get_node_ids()))) < needed:
-        if time.monotonic() > deadline:
-            raise JoinTimeout(f"only {connected} of {needed} clients connected within {timeout:.0f} s; stopping the run")
-        time.sleep(1.0)
-    return connected
+    def round_done(self, server_round: int, arrays: ArrayRecord) -> None:
+        self.evaluate(server_round, arrays)
+        save_checkpoint(
+            self.cfg.out_dir,
+            Checkpoint(server_round, arrays, strategy_state(self.strategy), self.recorder.state(), resume_settings(self.cfg)),
+        )
 
 
 def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None) -> dict[str, Any]:
-    """Run every round on `grid`, then write results.json, plots and the exported model."""
-    wait_for_clients(grid, num_clients, cfg.join_timeout)
+    """Run every round on `grid` (from the checkpoint when cfg.resume), then write results, plots and the model."""
+    ckpt = load_checkpoint(cfg.out_dir) if cfg.resume else None
+    if ckpt is not None:
+        check_settings(ckpt.settings, resume_settings(cfg))
     model = build_model(cfg.model, cfg.labels)
-    initial = ArrayRecord(trainable_state(model))
+    arrays = ckpt.arrays if ckpt else ArrayRecord(trainable_state(model))
     header = {**cfg.metadata, "labels": list(cfg.labels), "strategy": cfg.strategy, "num_rounds": cfg.num_rounds}
-    with RunRecorder(cfg.out_dir, cfg.num_rounds, header) as recorder:
+    if ckpt is not None:
+        header["resumed_after_round"] = ckpt.server_round
+    with RunRecorder(cfg.out_dir, cfg.num_rounds, header, state=ckpt.record if ckpt else None) as recorder:
 
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> None:
             metrics: dict[str, Any] = {}
             if evaluator is not None:
                 load_trainable_state(model, arrays.to_torch_state_dict())
                 metrics = evaluator(model)
             recorder.global_evaluation(server_round, metrics)
-            return _metric_record(metrics) if metrics else None
 
         strategy = PrivacyTracking(
             build_strategy(cfg, num_clients), recorder.client_reports, recorder.rejection, cfg.max_update_norm
         )
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=cfg.num_rounds,
-            timeout=cfg.round_timeout,
+        if ckpt is not None:
+            restore_strategy_state(strategy, ckpt.strategy_state)
+        else:
+            wait_for_clients(grid, num_clients, cfg.join_timeout)
+            evaluate_fn(0, arrays)
+        policy = RoundPolicy(
+            deadline=cfg.round_timeout,
+            min_replies=min(cfg.min_clients, num_clients),
+            min_available=num_clients,
+            join_timeout=cfg.join_timeout,
+            retries=cfg.round_retries,
+        )
+        arrays = run_rounds(
+            grid,
+            strategy,
+            arrays,
+            range((ckpt.server_round if ckpt else 0) + 1, cfg.num_rounds + 1),
+            policy,
             train_config=ConfigRecord(
-                {"num-rounds": cfg.num_rounds, "proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0}
+                {
+                    "num-rounds": cfg.num_rounds,
+                    "proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+                    "update-encoding": cfg.update_encoding,
+                }
             ),
             evaluate_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
-            evaluate_fn=evaluate_fn,
+            hooks=_Hooks(recorder, strategy, evaluate_fn, cfg),
         )
-    recorder.merge_flower_history(result.train_metrics_clientapp, result.evaluate_metrics_clientapp)
-    final = result.arrays if len(result.arrays) else initial  # empty when no round aggregated anything
-    load_trainable_state(model, final.to_torch_state_dict())
+    load_trainable_state(model, arrays.to_torch_state_dict())
     model_dir = export_model(model.cpu(), load_tokenizer(cfg.model.name), cfg.out_dir / "model")
     extra: dict[str, Any] = {"model_dir": model_dir.name}
     if cfg.central_dp:
-        releases = sum(1 for r in result.train_metrics_clientapp.values() if r)  # rounds that aggregated
+        releases = sum(1 for r, e in recorder.rounds.items() if r > 0 and e.get("train"))  # rounds that aggregated
         sampled = sampled_per_round(cfg, num_clients)
         extra["central_dp"] = {
             "mechanism": "DP-FedAvg, server-side fixed clipping (Flower), equal client weights",
@@ -89,12 +130,27 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
     return recorder.finish(extra)
 
 
+STOPPED_FILE = "stopped.json"  # why a run stopped early; the CLI that started it shows this sentence
+
+
+def federate(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None) -> dict[str, Any]:
+    """run_federation, leaving the reason in the run folder when the run has to stop (the ServerApp's
+    exceptions do not reach the command the user ran: Flower runs it in another thread or process)."""
+    (cfg.out_dir / STOPPED_FILE).unlink(missing_ok=True)
+    try:
+        return run_federation(grid, cfg, num_clients, evaluator)
+    except (RoundFailed, JoinTimeout, CheckpointError) as err:
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg.out_dir / STOPPED_FILE, {"reason": str(err)})
+        raise
+
+
 def make_server_app(cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None = None) -> ServerApp:
     """A ServerApp that waits for `num_clients` clients and runs the configured federation."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, num_clients, evaluator)
+        federate(grid, cfg, num_clients, evaluator)
 
     return app

@@ -49,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--min-clients", dest="min_clients", type=int, help="override min_clients")
     start.add_argument("--strategy", help="override strategy (fedavg | fedprox | fedadam)")
     start.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (testing only; loud)")
+    start.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (e.g. coord/runs/20261125-101500) from its last checkpoint",
+    )
     start.add_argument("--keep-running", action="store_true", help="keep the SuperLink serving after the run")
     return p
 
@@ -105,7 +111,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     else:
         if cfg.insecure:
             console.print(Panel(service.INSECURE_WARNING, title="WARNING", style="bold red"))
-        results = service.run_service(cfg, lambda line: console.print(line, highlight=False, markup=False), args.keep_running)
+        echo = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
+        results = service.run_service(cfg, echo, args.keep_running, resume=args.resume)
         final = results.get("final") or {}
         console.print(
             f"run {results['run_id']} finished: "

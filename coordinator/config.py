@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.model import ModelSpec
+from privacy.update_codec import ENCODINGS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
@@ -28,7 +29,8 @@ class CoordinatorConfig:
     min_clients: int = 2
     proximal_mu: float = 0.01  # FedProx only
     server_learning_rate: float = 0.01  # FedAdam only (eta)
-    round_timeout: float = 3600.0
+    round_timeout: float = 3600.0  # deadline of each phase (train, evaluate) of a round, in seconds
+    round_retries: int = 1  # a round that too few clients answered is sent again this often, then the run stops
     join_timeout: float = 600.0  # how long to wait for min_clients to connect before giving up
     trim_fraction: float = 0.2  # fedtrimmedavg: share cut from each end per coordinate
     num_malicious: int = 0  # krum / multikrum: clients assumed Byzantine
@@ -38,6 +40,8 @@ class CoordinatorConfig:
     central_noise_multiplier: float = 1.0
     central_clipping_norm: float = 1.0
     central_delta: float = 1e-5
+    update_encoding: str = "float32"  # how clients send updates: float32, or int8 (8-bit quantised difference)
+    resume: bool = False  # continue the run in out_dir from its last checkpoint
     metadata: dict = field(default_factory=dict)  # extra facts recorded in results.json
 
     def __post_init__(self) -> None:
@@ -53,6 +57,7 @@ class CoordinatorConfig:
             (self.proximal_mu >= 0, f"proximal mu must be >= 0, got {self.proximal_mu}"),
             (self.server_learning_rate > 0, f"server learning rate must be > 0, got {self.server_learning_rate}"),
             (self.round_timeout > 0, f"round timeout must be > 0, got {self.round_timeout}"),
+            (self.round_retries >= 0, f"round retries must be >= 0, got {self.round_retries}"),
             (self.join_timeout > 0, f"join timeout must be > 0, got {self.join_timeout}"),
             (0 <= self.trim_fraction < 0.5, f"trim fraction must be in [0, 0.5), got {self.trim_fraction}"),
             (self.num_malicious >= 0, f"number of malicious clients must be >= 0, got {self.num_malicious}"),
@@ -60,6 +65,10 @@ class CoordinatorConfig:
             (self.central_noise_multiplier > 0, f"central noise multiplier must be > 0, got {self.central_noise_multiplier}"),
             (self.central_clipping_norm > 0, f"central clipping norm must be > 0, got {self.central_clipping_norm}"),
             (0 < self.central_delta < 1, f"central delta must be in (0, 1), got {self.central_delta}"),
+            (
+                self.update_encoding in ENCODINGS,
+                f"update encoding must be one of {', '.join(ENCODINGS)}, got {self.update_encoding!r}",
+            ),
             (not self.central_dp or self.strategy in ("fedavg", "fedprox"), "central DP wraps fedavg or fedprox only"),
         ]
         for ok, message in checks:

@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from client.model import ModelSpec
-from coordinator.app import run_federation
+from coordinator.app import federate
 from coordinator.config import CoordinatorConfig
 
 
@@ -36,6 +36,9 @@ def config_from_run(run_config: dict[str, Any]) -> tuple[CoordinatorConfig, int]
         proximal_mu=float(run_config["proximal-mu"]),
         server_learning_rate=float(run_config["server-learning-rate"]),
         round_timeout=float(run_config["round-timeout"]),
+        round_retries=int(run_config["round-retries"]),
+        resume=bool(run_config["resume"]),
+        update_encoding=str(run_config["update-encoding"]),
         join_timeout=float(run_config["join-timeout"]),
         max_update_norm=float(run_config["max-update-norm"]),
         central_dp=bool(run_config["central-dp"]),
@@ -53,4 +56,4 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, num_clients = config_from_run(dict(context.run_config))
-    run_federation(grid, cfg, num_clients, evaluator=None)
+    federate(grid, cfg, num_clients, evaluator=None)

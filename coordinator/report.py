@@ -41,14 +41,23 @@ def _record(metrics: Any) -> dict[str, Any]:
 class RunRecorder:
     """Collects what the coordinator learns each round and writes the run folder at the end."""
 
-    def __init__(self, out_dir: Path, num_rounds: int, header: dict[str, Any], console: Console | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        num_rounds: int,
+        header: dict[str, Any],
+        console: Console | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.header = header
         self.console = console or Console(stderr=True)
-        self.rounds: dict[int, dict[str, Any]] = {}
-        self.started = time.time()
-        self._last = self.started
+        state = state or {}  # a checkpoint's record: the rounds before a resume
+        self.rounds: dict[int, dict[str, Any]] = {int(r): e for r, e in state.get("rounds", {}).items()}
+        self.names: dict[int, str] = {int(n): c for n, c in state.get("names", {}).items()}  # node id -> client id
+        self.started = time.time() - float(state.get("elapsed", 0.0))
+        self._last = time.time()
         self.progress = Progress(
             TextColumn("[bold]federated rounds"),
             BarColumn(),
@@ -57,7 +66,16 @@ class RunRecorder:
             console=self.console,
             transient=False,
         )
-        self._task = self.progress.add_task("rounds", total=num_rounds)
+        done = sum(1 for r in self.rounds if r > 0)
+        self._task = self.progress.add_task("rounds", total=num_rounds, completed=done)
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the record, to continue it after a resume."""
+        return {
+            "rounds": {str(r): e for r, e in self.rounds.items()},
+            "names": {str(n): c for n, c in self.names.items()},
+            "elapsed": time.time() - self.started,
+        }
 
     def __enter__(self) -> RunRecorder:
         self.progress.start()
@@ -71,7 +89,56 @@ class RunRecorder:
 
     def client_reports(self, server_round: int, reports: dict[int, dict[str, float]]) -> None:
         """Sink for the strategy: every replying client's train metrics, privacy included."""
-        self._round(server_round)["clients"] = {str(cid): _record(r) for cid, r in sorted(reports.items())}
+        clients = self._round(server_round)["clients"]  # merged: a retried round adds to what came before
+        clients |= {str(cid): _record(r) for cid, r in sorted(reports.items())}
+        self._round(server_round)["clients"] = dict(sorted(clients.items(), key=lambda kv: int(kv[0])))
+
+    def _name(self, node: int) -> str:
+        return self.names.get(node, f"node {node}")
+
+    def phase(self, server_round: int, name: str, outcome: Any) -> None:
+        """Hook of the round loop: who answered a phase, who missed its deadline, whose reply was an error."""
+        for reply in outcome.replies:
+            if not reply.has_error() and "client-id" in reply.content["metrics"]:
+                self.names[reply.metadata.src_node_id] = str(int(reply.content["metrics"]["client-id"]))
+        if not outcome.stragglers and not outcome.failures:
+            return
+        # Kept by node id: a client's id is learnt from its first good reply, which may come later.
+        entry = self._round(server_round).setdefault("dropped", {}).setdefault(name, {"stragglers": [], "failures": {}})
+        entry["stragglers"] += outcome.stragglers
+        entry["failures"] |= {str(n): why for n, why in outcome.failures.items()}
+        for node in outcome.stragglers:
+            self.console.print(f"[yellow]round {server_round} {name}: no reply from {self._name(node)} by the deadline[/]")
+        for node, why in outcome.failures.items():
+            self.console.print(f"[yellow]round {server_round} {name}: {self._name(node)} failed: {escape(why)}[/]")
+
+    def train_metrics(self, server_round: int, metrics: Any) -> None:
+        if metrics is not None:
+            self._round(server_round)["train"] = _record(metrics)
+
+    def evaluate_metrics(self, server_round: int, metrics: Any) -> None:
+        if metrics is not None:
+            self._round(server_round)["federated_evaluation"] = _record(metrics)
+
+    def faults(self) -> list[dict[str, Any]]:
+        """Every straggler, failed reply and rejected update of the run, one row each, by client id."""
+        rows = []
+        for r in sorted(self.rounds):
+            entry = self.rounds[r]
+            for phase, d in entry.get("dropped", {}).items():
+                rows += [
+                    {"round": r, "phase": phase, "client": self._name(n), "fault": "no reply by the deadline"}
+                    for n in d["stragglers"]
+                ]
+                rows += [
+                    {"round": r, "phase": phase, "client": self._name(int(n)), "fault": f"error: {why}"}
+                    for n, why in d["failures"].items()
+                ]
+            rows += [
+                {"round": r, "phase": "train", "client": c, "fault": f"update rejected: {why}"}
+                for c, why in entry.get("rejected", {}).items()
+            ]
+        return rows
 
     def rejection(self, server_round: int, client: int, reason: str) -> None:
         """Sink for the strategy: an update kept out of aggregation, and why."""
@@ -100,13 +167,6 @@ class RunRecorder:
         self.progress.console.log(" | ".join(parts))
         self.progress.advance(self._task)
 
-    def merge_flower_history(self, train: dict[int, Any], federated_eval: dict[int, Any]) -> None:
-        """Add Flower's aggregated client-side metrics to each round's entry."""
-        for r, m in train.items():
-            self._round(r)["train"] = _record(m)
-        for r, m in federated_eval.items():
-            self._round(r)["federated_evaluation"] = _record(m)
-
     def clients_summary(self) -> dict[str, dict[str, Any]]:
         """Each client's latest epsilon, rounds trained and rounds declined."""
         out: dict[str, dict[str, Any]] = {}
@@ -123,7 +183,12 @@ class RunRecorder:
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Write results.json and the plots; print the summary; return the results."""
+        faults = self.faults()
         rounds = [self.rounds[r] for r in sorted(self.rounds)]
+        for entry in rounds:  # node ids -> client ids, now that every client that ever answered is known
+            for d in entry.get("dropped", {}).values():
+                d["stragglers"] = [self._name(int(n)) for n in d["stragglers"]]
+                d["failures"] = {self._name(int(n)): why for n, why in d["failures"].items()}
         final = rounds[-1].get("global", {}) if rounds else {}
         if not final and rounds:  # no central held-out split (deployment): the clients' pooled evaluation
             final = rounds[-1].get("federated_evaluation", {})
@@ -131,6 +196,7 @@ class RunRecorder:
             **self.header,
             "rounds": rounds,
             "clients": self.clients_summary(),
+            "faults": faults,
             "final": final,
             "wall_seconds": round(time.time() - self.started, 2),
             **extra,
@@ -172,6 +238,13 @@ class RunRecorder:
             )
         self.console.print(table)
         self.console.print(clients)
+        if results["faults"]:
+            faults = Table(title="faults: kept out of aggregation")
+            for col in ("round", "phase", "client", "what happened"):
+                faults.add_column(col, overflow="fold")
+            for f in results["faults"]:
+                faults.add_row(str(f["round"]), f["phase"], f["client"], escape(f["fault"]))
+            self.console.print(faults)
         central = results.get("central_dp")
         if central:
             self.console.print(

@@ -143,13 +143,50 @@ def _pid_file(cfg: ServiceConfig) -> Path:
     return cfg.state_dir / "superlink.pid"
 
 
-def superlink_running(cfg: ServiceConfig) -> bool:
+def _alive(pid: int) -> bool:
     try:
-        pid = int(_pid_file(cfg).read_text())
         os.kill(pid, 0)
-    except (OSError, ValueError):
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
     return True
+
+
+def _recorded_pids(cfg: ServiceConfig) -> tuple[int, int | None] | None:
+    """(SuperLink PID, PID of the `fedtune-coordinator start` that owns it) from the PID file, if any."""
+    try:
+        data = json.loads(_pid_file(cfg).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, int):  # an older PID file: the SuperLink's PID only
+        return data, None
+    try:
+        return int(data["superlink"]), (int(data["owner"]) if data.get("owner") else None)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def superlink_running(cfg: ServiceConfig) -> bool:
+    pids = _recorded_pids(cfg)
+    return pids is not None and _alive(pids[0])
+
+
+def _stop_orphan(cfg: ServiceConfig, echo: Callable[[str], None]) -> None:
+    """A SuperLink whose `start` died (kill -9, a crash) keeps running with its ServerApp; stop that group."""
+    pids = _recorded_pids(cfg)
+    if pids is None or not _alive(pids[0]):
+        return
+    superlink, owner = pids
+    if owner is None or _alive(owner):
+        raise ServiceError(f"a SuperLink of this coordinator is already running (PID {superlink}; PID file {_pid_file(cfg)})")
+    echo(f"stopping SuperLink PID {superlink} left behind by a coordinator that died (PID {owner})")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(superlink, sig)
+        if not _group_alive(superlink, 15):
+            break
+    _pid_file(cfg).unlink(missing_ok=True)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -160,10 +197,9 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def start_superlink(cfg: ServiceConfig) -> subprocess.Popen:
+def start_superlink(cfg: ServiceConfig, echo: Callable[[str], None] = print) -> subprocess.Popen:
     """Start the SuperLink (its own process group) and wait until its port accepts connections."""
-    if superlink_running(cfg):
-        raise ServiceError(f"a SuperLink of this coordinator is already running (PID file {_pid_file(cfg)})")
+    _stop_orphan(cfg, echo)
     if _port_open("127.0.0.1" if cfg.listen in ("0.0.0.0", "::") else cfg.listen, cfg.port):
         raise ServiceError(f"port {cfg.port} is already in use on this host; set `port` in coordinator.toml")
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +221,7 @@ def start_superlink(cfg: ServiceConfig) -> subprocess.Popen:
         cmd += ["--ssl-keyfile", str(tls / "server.key"), "--enable-supernode-auth"]
     log = (cfg.state_dir / "superlink.log").open("a")
     proc = subprocess.Popen(cmd, env=flower_env(cfg), stdout=log, stderr=subprocess.STDOUT, cwd=cfg.home, start_new_session=True)
-    _pid_file(cfg).write_text(str(proc.pid))
+    _pid_file(cfg).write_text(json.dumps({"superlink": proc.pid, "owner": os.getpid()}))
     host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::") else cfg.listen
     deadline = time.monotonic() + 60
     while not _port_open(host, cfg.port):
@@ -219,7 +255,7 @@ def _group_alive(pgid: int, wait: float) -> bool:
     return True
 
 
-def write_app(cfg: ServiceConfig, out_dir: Path) -> Path:
+def write_app(cfg: ServiceConfig, out_dir: Path, resume: bool = False) -> Path:
     """The Flower app folder: only a pyproject naming fedtune's installed ServerApp/ClientApp and the run config."""
     app = cfg.home / "app"
     app.mkdir(parents=True, exist_ok=True)
@@ -240,7 +276,7 @@ def write_app(cfg: ServiceConfig, out_dir: Path) -> Path:
         "",
         "[tool.flwr.app.config]",
     ]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in cfg.run_config(out_dir).items()]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in cfg.run_config(out_dir, resume).items()]
     (app / "pyproject.toml").write_text("\n".join(lines) + "\n")
     return app
 
@@ -280,30 +316,82 @@ def submit_and_follow(cfg: ServiceConfig, app: Path, echo: Callable[[str], None]
     return run_id, status + (f": {details}" if details and details != "None" else "")
 
 
+def stop_stale_runs(cfg: ServiceConfig, echo: Callable[[str], None]) -> list[int]:
+    """Stop runs a dead coordinator left unfinished in the SuperLink's database. Stopping a run deletes its
+    undelivered instructions, so no client trains (and spends privacy) for a run nobody will aggregate."""
+    done = _flwr(cfg, ["ls", CONNECTION, "--format", "json"])
+    try:
+        runs = json.loads(done.stdout)["runs"]
+    except (ValueError, KeyError, TypeError):
+        raise ServiceError(f"cannot list the SuperLink's runs: {(done.stdout + done.stderr).strip()[-500:]}") from None
+    stale = [int(r["run-id"]) for r in runs if not str(r.get("status", "")).startswith("finished")]
+    for run_id in stale:
+        stopped = _flwr(cfg, ["stop", str(run_id), CONNECTION])
+        if stopped.returncode != 0:
+            raise ServiceError(f"cannot stop run {run_id} left by an earlier coordinator: {stopped.stderr.strip()[-500:]}")
+        echo(f"stopped run {run_id}, left unfinished by an earlier coordinator; its pending instructions are deleted")
+    return stale
+
+
 def new_run_dir(cfg: ServiceConfig) -> Path:
     out = cfg.runs_dir / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def run_service(cfg: ServiceConfig, echo: Callable[[str], None], keep_running: bool = False) -> dict[str, Any]:
-    """Start the SuperLink, admit the registered nodes, submit the run, follow it, then stop (unless asked to stay)."""
+def check_resumable(run_dir: Path) -> int:
+    """The last checkpointed round of the run in `run_dir`, or a ServiceError saying why it cannot be resumed."""
+    latest = run_dir / "checkpoint" / "latest.json"
+    if (run_dir / "results.json").exists():
+        raise ServiceError(f"{run_dir} holds a finished run (results.json); nothing to resume")
+    try:
+        return int(json.loads(latest.read_text())["round"])
+    except FileNotFoundError:
+        raise ServiceError(f"{run_dir} holds no checkpoint ({latest} is missing); nothing to resume") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ServiceError(f"{latest} is unreadable ({err}); cannot resume") from None
+
+
+def _stopped_reason(out_dir: Path) -> str | None:
+    from coordinator.app import STOPPED_FILE
+
+    try:
+        return str(json.loads((out_dir / STOPPED_FILE).read_text())["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_service(
+    cfg: ServiceConfig, echo: Callable[[str], None], keep_running: bool = False, resume: Path | None = None
+) -> dict[str, Any]:
+    """Start the SuperLink, admit the registered nodes, submit the run (or continue the run folder `resume`
+    from its last checkpoint), follow it, then stop (unless asked to stay)."""
     if not cfg.insecure:
         check_tls(cfg)
+    after = check_resumable(resume) if resume is not None else None
     write_connection(cfg)
-    superlink = start_superlink(cfg)
+    superlink = start_superlink(cfg, echo)
     try:
+        stop_stale_runs(cfg, echo)
         if not cfg.insecure:
             for pub in sorted(cfg.nodes_dir.glob("*.pub")):
                 _register_live(cfg, pub)
-        out_dir = new_run_dir(cfg)
+        out_dir = resume.resolve() if resume is not None else new_run_dir(cfg)
         echo(
             f"SuperLink PID {superlink.pid} on {cfg.listen}:{cfg.port}; {len(registered(cfg))} registered node(s); "
-            f"waiting for {cfg.min_clients} to connect; results -> {out_dir}"
+            f"waiting for {cfg.min_clients} to connect; "
+            + (f"resuming after round {after}; " if after is not None else "")
+            + f"results -> {out_dir}"
         )
-        run_id, status = submit_and_follow(cfg, write_app(cfg, out_dir), echo)
+        run_id, status = submit_and_follow(cfg, write_app(cfg, out_dir, resume is not None), echo)
         results = out_dir / "results.json"
         if not status.startswith("finished:completed") or not results.exists():
+            reason = _stopped_reason(out_dir)
+            if reason is not None and (out_dir / "checkpoint" / "latest.json").exists():
+                resume_hint = f"continue it with `fedtune-coordinator start --resume {out_dir}`"
+                raise ServiceError(f"run {run_id} stopped: {reason}; {resume_hint}")
+            if reason is not None:
+                raise ServiceError(f"run {run_id} stopped: {reason}")
             raise ServiceError(f"run {run_id} did not complete ({status}); SuperLink log: {cfg.state_dir / 'superlink.log'}")
         if keep_running:
             echo("run finished; SuperLink keeps serving (Ctrl-C to stop)")

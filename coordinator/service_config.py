@@ -37,9 +37,11 @@ class ServiceConfig:
     fraction_evaluate: float = 1.0
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
-    round_timeout: float = 3600.0
+    round_timeout: float = 3600.0  # seconds each phase of a round waits; clients that miss it are dropped
+    round_retries: int = 1  # a round too few clients answered is sent again this often, then the run stops
     join_timeout: float = 600.0
     max_update_norm: float = 1e4
+    update_encoding: str = "float32"  # or "int8": clients send 8-bit quantised differences (about 4x fewer bytes)
     central_dp: bool = False  # user-level DP-FedAvg on top of the clients' DP-SGD
     central_noise_multiplier: float = 1.0
     central_clipping_norm: float = 1.0
@@ -60,6 +62,8 @@ class ServiceConfig:
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
             (self.min_clients >= 1, f"min_clients must be >= 1, got {self.min_clients}"),
             (self.num_rounds >= 1, f"num_rounds must be >= 1, got {self.num_rounds}"),
+            (self.round_timeout > 0, f"round_timeout must be > 0 seconds, got {self.round_timeout}"),
+            (self.round_retries >= 0, f"round_retries must be >= 0, got {self.round_retries}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -82,8 +86,9 @@ class ServiceConfig:
     def runs_dir(self) -> Path:
         return self.home / "runs"
 
-    def run_config(self, out_dir: Path) -> dict[str, Any]:
-        """The Flower run configuration the ServerApp and every ClientApp read (see */deploy.py)."""
+    def run_config(self, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+        """The Flower run configuration the ServerApp and every ClientApp read (see */deploy.py);
+        `resume` continues the run in out_dir from its last checkpoint."""
         return {
             "labels": ",".join(self.labels),
             "out-dir": str(out_dir.resolve()),
@@ -100,8 +105,11 @@ class ServiceConfig:
             "proximal-mu": self.proximal_mu,
             "server-learning-rate": self.server_learning_rate,
             "round-timeout": self.round_timeout,
+            "round-retries": self.round_retries,
+            "resume": resume,
             "join-timeout": self.join_timeout,
             "max-update-norm": self.max_update_norm,
+            "update-encoding": self.update_encoding,
             "central-dp": self.central_dp,
             "central-noise-multiplier": self.central_noise_multiplier,
             "central-clipping-norm": self.central_clipping_norm,

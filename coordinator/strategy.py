@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -23,13 +22,13 @@ from flwr.serverapp.strategy import (
 from coordinator.config import CoordinatorConfig
 from coordinator.validation import update_problem
 from privacy import epsilon_spent
+from privacy.update_codec import UpdateCodecError, dequantize
 
 ClientReport = dict[str, float]
 # Called once per round with each replying client's id and its train metrics (epsilon, declined, ...).
 ReportSink = Callable[[int, dict[int, ClientReport]], None]
 # Called with (round, client id, reason) for every update kept out of aggregation as invalid.
 RejectionSink = Callable[[int, int, str], None]
-log = logging.getLogger("fedtune.coordinator")
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -139,12 +138,32 @@ class PrivacyTracking(Strategy):
         if msg.has_error() or msg.content["metrics"].get("declined", 0) or self.current is None:
             return True  # errors are Flower's to count; declined replies are dropped separately
         cid = int(msg.content["metrics"].get("client-id", msg.metadata.src_node_id))
-        arrays = msg.content.array_records.get("arrays")
-        problem = "no weights in the reply" if arrays is None else update_problem(arrays, self.current, self.max_update_norm)
+        arrays, problem = self._decoded(msg)
+        if problem is None:
+            problem = "no weights in the reply" if arrays is None else update_problem(arrays, self.current, self.max_update_norm)
         if problem:
-            log.warning("round %s: rejected the update of client %s: %s", server_round, cid, problem)
             self.rejections(server_round, cid, problem)
         return problem is None
+
+    def _decoded(self, msg: Message) -> tuple[ArrayRecord | None, str | None]:
+        """The reply's weights as float tensors: an 8-bit update is decoded here, in place, because Flower's
+        strategies expect exactly one ArrayRecord of weights per reply."""
+        records = msg.content.array_records
+        arrays = records.get("arrays")
+        if arrays is None or "scales" not in records or self.current is None:
+            return arrays, None
+        scales = records["scales"]
+        del msg.content["scales"]
+        try:
+            weights = dequantize(
+                {k: a.numpy() for k, a in arrays.items()},
+                {k: a.numpy() for k, a in scales.items()},
+                {k: a.numpy() for k, a in self.current.items()},
+            )
+        except UpdateCodecError as err:
+            return None, f"8-bit update: {err}"
+        msg.content["arrays"] = decoded = ArrayRecord({k: Array(v) for k, v in weights.items()})
+        return decoded, None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
@@ -155,7 +174,14 @@ class PrivacyTracking(Strategy):
         kept = [m for m in kept if self._valid(server_round, m)]
         if not any(not m.has_error() for m in kept):
             return None, None  # nobody trained: keep the current global model
-        return self.inner.aggregate_train(server_round, kept)
+        arrays, metrics = self.inner.aggregate_train(server_round, kept)
+        if arrays is not None and self.current is not None:
+            # Server optimisers (FedAdam) compute in float64; the global model keeps its own dtypes,
+            # or every later update would fail validation.
+            arrays = ArrayRecord(
+                {k: Array(a.numpy().astype(self.current[k].numpy().dtype, copy=False)) for k, a in arrays.items()}
+            )
+        return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from simulations.config import FIELDS, SimulationConfigError, build_config, read_toml
+from simulations.config import FIELDS, SimulationConfigError, build_config, read_run_settings, read_toml
 
 # flag -> (config field, type, help); every field is also settable in the TOML file.
 FLAGS: list[tuple[str, str, Any, str]] = [
@@ -26,6 +26,9 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--trim-fraction", "trim_fraction", float, "fedtrimmedavg: share trimmed from each end (default 0.2)"),
     ("--num-malicious", "num_malicious", int, "krum/multikrum: clients assumed malicious (default 0)"),
     ("--max-update-norm", "max_update_norm", float, "reject updates farther than this from the global weights (1e4)"),
+    ("--update-encoding", "update_encoding", str, "how clients send updates: float32 (default) or int8 (8-bit, ~4x smaller)"),
+    ("--round-timeout", "round_timeout", float, "seconds each phase of a round waits for clients (default 3600)"),
+    ("--round-retries", "round_retries", int, "times a round with too few answers is retried before stopping (default 1)"),
     ("--proximal-mu", "proximal_mu", float, "FedProx proximal term (default 0.01)"),
     ("--server-lr", "server_learning_rate", float, "FedAdam server learning rate (default 0.01)"),
     ("--dataset", "dataset", str, "'vader' (embedded), a CSV/TSV/JSONL/Parquet file, or a hub dataset name"),
@@ -61,6 +64,10 @@ FLAGS: list[tuple[str, str, Any, str]] = [
 ]
 
 
+# Settings a resumed run may change: they decide how long it waits and what it shows, not what it trains.
+RESUME_MAY_CHANGE = {"verbose", "round_timeout", "round_retries"}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedtune-simulate",
@@ -68,6 +75,12 @@ def parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run after its last completed round "
+        "(only --round-timeout, --round-retries and --verbose may change)",
+    )
     for flag, dest, kind, help_ in FLAGS:
         p.add_argument(flag, dest=dest, type=kind, help=help_)
     p.add_argument(
@@ -112,16 +125,24 @@ def main(argv: list[str] | None = None) -> int:
         from client.config import ConfigError
         from client.data import DataError
         from client.model import ModelError
+        from coordinator.checkpoint import CheckpointError
         from coordinator.config import CoordinatorConfigError
         from privacy import PrivacyBudgetError
-        from simulations.run import simulate
+        from simulations.run import FederationStopped, simulate
 
-        file_settings = read_toml(args.pop("config")) if "config" in args else {}
+        resume = args.pop("resume", None)
+        if resume is not None:
+            # The run continues as it started; only deadlines and how it is shown may change.
+            if fixed := sorted(set(args) - RESUME_MAY_CHANGE):
+                raise SimulationConfigError(f"--resume continues a run with its own settings; drop: {', '.join(fixed)}")
+            file_settings = read_run_settings(resume)
+        else:
+            file_settings = read_toml(args.pop("config")) if "config" in args else {}
         if "client_budgets" in args:
             args["client_budgets"] = _budgets(args["client_budgets"])
         assert set(args) <= set(FIELDS), set(args) - set(FIELDS)
         cfg = build_config(file_settings, args)
-        results = simulate(cfg, console)
+        results = simulate(cfg, console, resume=resume is not None)
     except (
         SimulationConfigError,
         ConfigError,
@@ -129,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         ModelError,
         CoordinatorConfigError,
         PrivacyBudgetError,
+        CheckpointError,
+        FederationStopped,
     ) as err:
         # soft_wrap: the error stays one greppable line; escape: messages may hold [brackets]
         console.print(f"[bold red]fedtune-simulate: error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)

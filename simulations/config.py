@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ class SimulationConfig:
     trim_fraction: float = 0.2
     num_malicious: int = 0
     max_update_norm: float = 1e4
+    update_encoding: str = "float32"
+    round_timeout: float = 3600.0
+    round_retries: int = 1
     # data
     dataset: str = "vader"
     text_column: str = "text"
@@ -138,12 +142,26 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def read_run_settings(run_dir: str | Path) -> dict[str, Any]:
+    """The settings a run was started with (its config.json), for --resume."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise SimulationConfigError(f"{run_dir} is not a fedtune-simulate run folder (no config.json); nothing to resume")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise SimulationConfigError(f"{path} is unreadable ({err}); cannot resume") from None
+    return {k: _coerce(k, v) for k, v in data.items() if k in FIELDS} | {"out": str(run_dir)}
+
+
 def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -> SimulationConfig:
     """Merge defaults, file and flags (flags win) and check cross-field constraints."""
     cfg = SimulationConfig(**(file_settings | flag_settings))
     checks = [
         (cfg.num_clients >= 1, f"number of clients must be >= 1, got {cfg.num_clients}"),
         (cfg.num_rounds >= 1, f"number of rounds must be >= 1, got {cfg.num_rounds}"),
+        (cfg.round_timeout > 0, f"round timeout must be > 0 seconds, got {cfg.round_timeout}"),
+        (cfg.round_retries >= 0, f"round retries must be >= 0, got {cfg.round_retries}"),
         (cfg.cpus_per_client > 0, f"cpus per client must be > 0, got {cfg.cpus_per_client}"),
         (cfg.gpus_per_client >= 0, f"gpus per client must be >= 0, got {cfg.gpus_per_client}"),
         (

@@ -22,9 +22,11 @@ from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
 from client.evaluate import evaluate
 from client.model import load_tokenizer
 from client.train import encode
-from coordinator.app import make_server_app
+from coordinator.app import STOPPED_FILE, make_server_app, resume_settings
+from coordinator.checkpoint import CheckpointError, check_settings, load_checkpoint
 from coordinator.config import CoordinatorConfig
-from simulations.config import SimulationConfig
+from coordinator.rounds import JoinTimeout, RoundFailed
+from simulations.config import SimulationConfig, SimulationConfigError
 from simulations.datasets import DataSpec, PartitionData, split
 
 T = TypeVar("T")
@@ -33,6 +35,10 @@ DP_OFF_WARNING = (
     "DIFFERENTIAL PRIVACY IS OFF (--no-dp). Client updates carry no formal privacy guarantee; "
     "do not use this setting with data that must stay private."
 )
+
+
+class FederationStopped(RuntimeError):
+    """The federation stopped before its last round (too few clients answered); the message says why."""
 
 
 def _same_named(spec_type: type[T], cfg: SimulationConfig) -> T:
@@ -66,10 +72,13 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods: Sequence[Mod] = ()) -> dict[str, Any]:
+def simulate(
+    cfg: SimulationConfig, console: Console | None = None, client_mods: Sequence[Mod] = (), resume: bool = False
+) -> dict[str, Any]:
     """Run the federation described by `cfg`; returns the results written to its run folder.
 
-    `client_mods` are Flower client mods wrapped around every client's message handling.
+    `client_mods` are Flower client mods wrapped around every client's message handling; with
+    `resume`, the run in `cfg.out` continues after its last checkpoint.
     """
     from flwr.simulation import run_simulation  # heavy import (Ray); only when a run starts
 
@@ -80,14 +89,18 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
     data_fn = PartitionData(data_spec)
     sizes = data_fn.sizes()
     ccfg = client_config(cfg, labels)
-    ledger = str(Path(cfg.ledger).resolve()) if cfg.ledger else None
+    out_dir = cfg.run_dir()
+    if not resume and ((out_dir / "results.json").exists() or (out_dir / "checkpoint").exists()):
+        raise SimulationConfigError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or choose another --out")
+    # Each simulated data holder keeps its accountant state on "its own disk": the shared ledger file the
+    # user named (composing across runs), else one in the run folder (composing across this run's resumes).
+    ledger = str(Path(cfg.ledger or out_dir / "client-ledger.json").resolve())
     if not cfg.dp:
         console.print(Panel(DP_OFF_WARNING, title="WARNING", style="bold red"))
     tokenizer = load_tokenizer(cfg.model)
     held_encoded = encode(held_out, tokenizer, cfg.max_length)
     counts = Counter(held_out["label"])
     majority, majority_count = counts.most_common(1)[0]
-    out_dir = cfg.run_dir()
     metadata = {
         "config": cfg.to_json(),
         "privacy": {
@@ -98,6 +111,7 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
             "max_grad_norm": cfg.max_grad_norm if cfg.dp else None,
             "budget_epsilon": (cfg.budget_epsilon or cfg.epsilon) if cfg.dp else None,
             "ledger": ledger,
+            "ledger_scope": "shared across runs" if cfg.ledger else "this run folder",
             **({} if cfg.dp else {"warning": DP_OFF_WARNING}),
         },
         "data": {
@@ -129,29 +143,46 @@ def simulate(cfg: SimulationConfig, console: Console | None = None, client_mods:
         trim_fraction=cfg.trim_fraction,
         num_malicious=cfg.num_malicious,
         max_update_norm=cfg.max_update_norm,
+        update_encoding=cfg.update_encoding,
+        round_timeout=cfg.round_timeout,
+        round_retries=cfg.round_retries,
+        resume=resume,
         central_dp=cfg.central_dp,
         central_noise_multiplier=cfg.central_noise_multiplier,
         central_clipping_norm=cfg.central_clipping_norm,
         central_delta=cfg.central_delta,
         metadata=metadata,
     )
+    if resume:  # fail here, before any worker starts, when the run cannot continue
+        ckpt = load_checkpoint(out_dir)
+        check_settings(ckpt.settings, resume_settings(coord))
+        console.print(f"resuming {out_dir} after round {ckpt.server_round} of {cfg.num_rounds}")
+    else:  # written only once every setting is known to be valid: a refused run leaves no folder behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
     device = ccfg.train.torch_device()
     server_app = make_server_app(
         coord, cfg.num_clients, evaluator=lambda model: evaluate(model, held_encoded, tokenizer, 64, device)
     )
     client_app = make_client_app(ccfg, data_fn, cfg.client_budgets, client_mods, ledger)
     gpus = cfg.gpus_per_client if cfg.gpus_per_client > 0 else (0.5 if device.type == "cuda" else 0.0)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": gpus},
-            "init_args": {"logging_level": "INFO" if cfg.verbose else "ERROR", "log_to_driver": True},
-        },
-        verbose_logging=cfg.verbose,
-    )
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": gpus},
+                "init_args": {"logging_level": "INFO" if cfg.verbose else "ERROR", "log_to_driver": True},
+            },
+            verbose_logging=cfg.verbose,
+        )
+    except (RoundFailed, JoinTimeout, CheckpointError) as err:  # Flower re-raises the ServerApp's exception here
+        raise FederationStopped(str(err)) from None
     results_path = out_dir / "results.json"
+    stopped = out_dir / STOPPED_FILE
+    if stopped.exists():  # older Flower versions log the ServerApp's exception instead of raising it
+        raise FederationStopped(json.loads(stopped.read_text())["reason"])
     if not results_path.exists():
         raise RuntimeError(f"the simulation ended without writing {results_path}; rerun with --verbose for Flower's logs")
     return json.loads(results_path.read_text())

@@ -59,6 +59,28 @@ def descendants(procs: list[subprocess.Popen]) -> list[psutil.Process]:
     return out
 
 
+def stop_all(started: list[subprocess.Popen]) -> list[str]:
+    """Stop what we started, newest first, then kill any of their children still running; name those."""
+    spawned = descendants(started)
+    for proc in reversed(started):
+        stop(proc)
+    _, leftovers = psutil.wait_procs(spawned, timeout=20)
+    for p in leftovers:
+        p.kill()
+    return [" ".join(p.cmdline()[:2]) for p in alive(leftovers)]
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            p.cmdline()
+            out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
 def write_data(path: Path, n: int, offset: int) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -155,13 +177,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             "logs": {p.name: p.read_text() for p in base.glob("*.log")},
         }
     finally:
-        spawned = descendants(started)
-        for proc in reversed(started):
-            stop(proc)
-        _, leftovers = psutil.wait_procs(spawned, timeout=20)
-        for p in leftovers:
-            p.kill()
-        assert not leftovers, f"processes left running: {[p.cmdline()[:2] for p in leftovers]}"
+        leftovers = stop_all(started)
+        assert not leftovers, f"processes left running: {leftovers}"
 
 
 def wait_until_ready(coordinator: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -330,12 +347,7 @@ def test_client_joins_over_a_non_loopback_address(two_hosts, tmp_path: Path, tin
         )
         assert started[0].wait(timeout=600) == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
     finally:
-        spawned = descendants(started)
-        for proc in reversed(started):
-            stop(proc)
-        _, leftovers = psutil.wait_procs(spawned, timeout=20)
-        for p in leftovers:
-            p.kill()
+        leftovers = stop_all(started)
     (run_dir,) = (tmp_path / "coord" / "runs").iterdir()
     results = json.loads((run_dir / "results.json").read_text())
     (report,) = results["rounds"][1]["clients"].values()

@@ -154,7 +154,8 @@ def test_only_arrays_and_metrics_leave_a_client(run) -> None:
 
 @pytest.fixture(scope="module")
 def second_run(run):
-    """The same federation again on the same data and ledger, with a budget that fits 3 of its 4 rounds."""
+    """The same federation again on the same data and ledger, with a budget that fits 3 of its 4 rounds;
+    clients send 8-bit updates and the coordinator adds central DP."""
     import dataclasses
 
     from privacy.accounting import epsilon_spent
@@ -178,6 +179,7 @@ def second_run(run):
         central_dp=True,
         central_noise_multiplier=0.8,
         central_clipping_norm=0.5,
+        update_encoding="int8",
     )
     return budget, simulate(cfg2)
 
@@ -241,6 +243,15 @@ def test_central_dp_reports_client_level_epsilon(second_run) -> None:
     rdp = dp_accounting.rdp.RdpAccountant()
     rdp.compose(dp_accounting.GaussianDpEvent(0.8), 2)
     assert central["epsilon"] == pytest.approx(rdp.get_epsilon(central["delta"]), rel=0.01)
+
+
+def test_eight_bit_updates_are_decoded_and_aggregated(second_run) -> None:
+    _, second = second_run
+    assert second["config"]["update_encoding"] == "int8"
+    trained = [r for r in second["rounds"][1:] if r.get("train")]
+    assert trained and not any(r.get("rejected") for r in second["rounds"])
+    # The global model moved: aggregation used the decoded updates (a failed decode would reject them all).
+    assert second["rounds"][-1]["global"]["loss"] != second["rounds"][0]["global"]["loss"]
 
 
 def test_central_dp_noise_std_is_z_times_c_over_sampled_clients(monkeypatch) -> None:

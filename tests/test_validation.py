@@ -24,6 +24,16 @@ def reply(cid: int, weights: dict[str, torch.Tensor] | None) -> Message:
     return Message(content, dst_node_id=cid + 1, message_type="train")
 
 
+def fedavg_noting_rejections(rejected: dict[int, str]) -> PrivacyTracking:
+    """FedAvg behind fedtune's checks, with every rejection noted in `rejected` (client id -> reason)."""
+    return PrivacyTracking(
+        FedAvg(train_metrics_aggr_fn=aggregate_train_metrics),
+        lambda r, reports: None,
+        lambda r, cid, why: rejected.__setitem__(cid, why),
+        max_update_norm=100.0,
+    )
+
+
 def test_invalid_updates_are_rejected_with_reasons_and_the_rest_aggregated() -> None:
     current = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
     good = {"w": torch.full((4, 3), 0.5), "b": torch.full((3,), 0.5)}
@@ -35,12 +45,7 @@ def test_invalid_updates_are_rejected_with_reasons_and_the_rest_aggregated() -> 
         5: None,
     }
     rejected: dict[int, str] = {}
-    strategy = PrivacyTracking(
-        FedAvg(train_metrics_aggr_fn=aggregate_train_metrics),
-        lambda r, reports: None,
-        lambda r, cid, why: rejected.__setitem__(cid, why),
-        max_update_norm=100.0,
-    )
+    strategy = fedavg_noting_rejections(rejected)
     strategy.current = ArrayRecord(current)
     arrays, _ = strategy.aggregate_train(1, [reply(0, good)] + [reply(cid, w) for cid, w in bad.items()])
     assert torch.allclose(torch.from_numpy(arrays["w"].numpy()), good["w"])  # only client 0 was averaged
@@ -70,3 +75,36 @@ def test_robust_strategies_resist_one_poisoned_update(name: str) -> None:
     poisoned = {"w": torch.full((50,), 50.0)}  # finite and within the norm bound: only robust aggregation helps
     arrays, _ = strategy.aggregate_train(1, [reply(i, w) for i, w in enumerate(honest)] + [reply(4, poisoned)])
     assert float(torch.from_numpy(arrays["w"].numpy()).abs().max()) < 0.2, name
+
+
+def test_eight_bit_updates_are_decoded_before_validation() -> None:
+    import numpy as np
+    from flwr.app import Array
+
+    from privacy.update_codec import quantize
+
+    current = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+    good = {"w": np.full((4, 3), 0.5, np.float32), "b": np.full(3, 0.25, np.float32)}
+
+    def encoded(cid: int, weights: dict[str, np.ndarray], spoil=lambda codes, scales: None) -> Message:
+        codes, scales = quantize(weights, current)
+        spoil(codes, scales)
+        msg = reply(cid, None)
+        msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in codes.items()})
+        msg.content["scales"] = ArrayRecord({k: Array(v) for k, v in scales.items()})
+        return msg
+
+    rejected: dict[int, str] = {}
+    strategy = fedavg_noting_rejections(rejected)
+    strategy.current = ArrayRecord({k: Array(v) for k, v in current.items()})
+    replies = [
+        encoded(0, good),
+        encoded(1, good, lambda codes, scales: scales.__setitem__("w", np.array([np.nan], np.float32))),
+        encoded(2, {"w": np.full((4, 3), 1e3, np.float32), "b": good["b"]}),  # decodes fine, then fails the norm bound
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.allclose(arrays["w"].numpy(), good["w"], atol=0.5 / 127) and arrays["w"].numpy().dtype == np.float32
+    assert np.allclose(arrays["b"].numpy(), good["b"], atol=0.25 / 127)
+    assert "8-bit update" in rejected[1] and "NaN or infinite scale" in rejected[1]
+    assert "exceeds the bound" in rejected[2]
+    assert 0 not in rejected

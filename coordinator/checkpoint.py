@@ -1,0 +1,128 @@
+"""Checkpoints after every round (global weights, strategy state, the run's record), written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import Strategy
+
+# Strategy attributes that carry state from round to round: the server optimiser's moments of the
+# FedOpt family (FedAdam: m_t, v_t). FedAvg, FedProx and the robust strategies keep none.
+STATE_ATTRS = ("m_t", "v_t")
+KEEP = 2  # checkpoints kept; older ones are removed once a newer one is complete
+
+
+class CheckpointError(RuntimeError):
+    """A run cannot be resumed from its folder; the message says why."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything needed to continue a run after `server_round`."""
+
+    server_round: int
+    arrays: ArrayRecord
+    strategy_state: dict[str, dict[str, np.ndarray]]
+    record: dict[str, Any]  # the RunRecorder's state: every round so far, with each client's privacy report
+    settings: dict[str, Any]  # what a resumed run must share with this one
+
+
+def _strategies(strategy: Strategy) -> list[Strategy]:
+    # fedtune's wrappers keep their inner strategy in `inner`, Flower's DP wrappers in `strategy`.
+    chain = []
+    while strategy is not None and strategy not in chain:
+        chain.append(strategy)
+        strategy = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
+    return chain
+
+
+def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
+    """The strategy's round-to-round state (see STATE_ATTRS), as plain arrays."""
+    out = {}
+    for s in _strategies(strategy):
+        for attr in STATE_ATTRS:
+            value = getattr(s, attr, None)
+            if value:
+                out[attr] = {k: np.asarray(v) for k, v in value.items()}
+    return out
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+    for s in _strategies(strategy):
+        for attr, value in state.items():
+            if hasattr(s, attr):
+                setattr(s, attr, dict(value))
+
+
+def _fsync_write(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
+    """Write checkpoint/round-NNNN/ in full, then point checkpoint/latest.json at it (the atomic step)."""
+    root = Path(run_dir) / "checkpoint"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"round-{ckpt.server_round:04d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {name: arr.numpy() for name, arr in ckpt.arrays.items()}
+    _fsync_write(tmp / "weights.npz", lambda f: np.savez(f, **weights))
+    # npz keys are file names inside a zip: join attribute and tensor name with "::", never "/".
+    moments = {f"{attr}::{k}": v for attr, d in ckpt.strategy_state.items() for k, v in d.items()}
+    _fsync_write(tmp / "strategy.npz", lambda f: np.savez(f, **moments))
+    state = {"round": ckpt.server_round, "order": list(weights), "record": ckpt.record, "settings": ckpt.settings}
+    _fsync_write(tmp / "state.json", lambda f: f.write(json.dumps(state, allow_nan=False).encode()))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = root / "latest.json.tmp"
+    _fsync_write(pointer, lambda f: f.write(json.dumps({"round": ckpt.server_round, "dir": final.name}).encode()))
+    os.replace(pointer, root / "latest.json")
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the renames themselves survive a power cut
+    finally:
+        os.close(dir_fd)
+    for old in sorted(root.glob("round-*"))[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    """The latest complete checkpoint of the run in `run_dir`."""
+    root = Path(run_dir) / "checkpoint"
+    if not (root / "latest.json").is_file():
+        raise CheckpointError(f"{run_dir} holds no checkpoint (no {root / 'latest.json'}); nothing to resume")
+    try:
+        latest = json.loads((root / "latest.json").read_text())
+        folder = root / latest["dir"]
+        state = json.loads((folder / "state.json").read_text())
+        with np.load(folder / "weights.npz") as npz:
+            arrays = ArrayRecord({name: Array(np.array(npz[name])) for name in state["order"]})
+        moments: dict[str, dict[str, np.ndarray]] = {}
+        with np.load(folder / "strategy.npz") as npz:
+            for key in npz.files:
+                attr, name = key.split("::", 1)
+                moments.setdefault(attr, {})[name] = np.array(npz[key])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"the checkpoint in {root} is unreadable ({err}); cannot resume") from None
+    return Checkpoint(int(state["round"]), arrays, moments, state["record"], state["settings"])
+
+
+def check_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A resumed run must train the same model the same way; name the first setting that differs."""
+    for key, value in saved.items():
+        if current.get(key) != value:
+            raise CheckpointError(
+                f"cannot resume: setting {key!r} was {value!r} in the checkpointed run but is {current.get(key)!r} now"
+            )

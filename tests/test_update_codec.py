@@ -1,0 +1,55 @@
+"""8-bit updates (privacy/update_codec.py): small, unbiased error; malformed encodings are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from privacy.update_codec import UpdateCodecError, dequantize, quantize
+
+
+def _weights(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"lora_A": rng.normal(size=(8, 64)).astype(np.float32), "classifier.bias": rng.normal(size=2).astype(np.float32)}
+
+
+def test_error_is_at_most_one_step_per_element_and_unbiased() -> None:
+    base = _weights(0)
+    new = {k: v + np.float32(0.01) * _weights(1)[k] for k, v in base.items()}
+    codes, scales = quantize(new, base, seed=3)
+    assert all(c.dtype == np.int8 for c in codes.values())
+    assert sum(c.nbytes for c in codes.values()) * 4 == sum(v.nbytes for v in new.values())
+    decoded = dequantize(codes, scales, base)
+    for name in base:
+        step = scales[name][0]
+        assert np.max(np.abs(decoded[name] - new[name])) <= step * (1 + 1e-4)
+        assert decoded[name].dtype == base[name].dtype
+    # Stochastic rounding: averaging many encodings of the same update converges to it.
+    delta = new["lora_A"] - base["lora_A"]
+    mean = np.mean([dequantize(*quantize(new, base, seed=s), base)["lora_A"] - base["lora_A"] for s in range(200)], axis=0)
+    single = decoded["lora_A"] - base["lora_A"]
+    assert np.linalg.norm(mean - delta) < 0.25 * np.linalg.norm(single - delta)
+
+
+def test_an_unchanged_tensor_encodes_as_zeros() -> None:
+    base = _weights(0)
+    codes, scales = quantize(base, base)
+    assert all(not c.any() for c in codes.values())
+    assert all(np.array_equal(dequantize(codes, scales, base)[k], base[k]) for k in base)
+
+
+@pytest.mark.parametrize(
+    "spoil,needle",
+    [
+        (lambda c, s: (c | {"lora_A": c["lora_A"].astype(np.int16)}, s), "expected (8, 64) int8"),
+        (lambda c, s: (c | {"lora_A": c["lora_A"][:4]}, s), "expected (8, 64) int8"),
+        (lambda c, s: (c, s | {"lora_A": np.array([np.nan], dtype=np.float32)}), "NaN or infinite scale"),
+        (lambda c, s: ({k: v for k, v in c.items() if k != "lora_A"}, s), "other tensors"),
+    ],
+    ids=["wrong-dtype", "wrong-shape", "nan-scale", "missing-tensor"],
+)
+def test_malformed_encodings_are_refused(spoil, needle: str) -> None:
+    base = _weights(0)
+    codes, scales = spoil(*quantize(_weights(1), base))
+    with pytest.raises(UpdateCodecError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        dequantize(codes, scales, base)
