@@ -6,6 +6,7 @@ import warnings
 
 import torch
 from opacus import PrivacyEngine
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch.utils.data import DataLoader
 
 from privacy.accounting import History
@@ -21,8 +22,12 @@ def make_private(
     history: History,
     accountant: str = "rdp",
     grad_sample_mode: str = "hooks",
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine]:
-    """Wrap for DP-SGD with Poisson sampling; `engine.accountant.history` then holds old + new steps."""
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine, DPLossFastGradientClipping | None]:
+    """Wrap for DP-SGD with Poisson sampling; `engine.accountant.history` then holds old + new steps.
+
+    With grad_sample_mode "ghost" (ghost clipping: per-sample gradient norms without per-sample gradients)
+    the last element is the loss to train with (it runs both backward passes); otherwise it is None.
+    """
     with warnings.catch_warnings():
         # Opacus reminds on every construction that secure_mode (torchcsprng) is off; fedtune
         # documents that choice once instead of repeating it per client and round.
@@ -32,7 +37,8 @@ def make_private(
     # fresh engine every round and so reports one round's epsilon as if it were the total).
     engine.accountant.history = list(history)
     model.train()  # Opacus needs train mode at wrap time; from_pretrained returns eval mode
-    dp_model, dp_optimizer, dp_loader = engine.make_private(
+    ghost = {"criterion": torch.nn.CrossEntropyLoss()} if grad_sample_mode == "ghost" else {}
+    wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
@@ -40,5 +46,10 @@ def make_private(
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=grad_sample_mode,
+        **ghost,
     )
-    return dp_model, dp_optimizer, dp_loader, engine
+    if ghost:
+        dp_model, dp_optimizer, criterion, dp_loader = wrapped
+        return dp_model, dp_optimizer, dp_loader, engine, criterion
+    dp_model, dp_optimizer, dp_loader = wrapped
+    return dp_model, dp_optimizer, dp_loader, engine, None
