@@ -62,8 +62,15 @@ def descendants(procs: list[subprocess.Popen]) -> list[psutil.Process]:
 def stop_all(started: list[subprocess.Popen]) -> list[str]:
     """Stop what we started, newest first, then kill any of their children still running; name those."""
     spawned = descendants(started)
-    for proc in reversed(started):
-        stop(proc)
+    for proc in reversed(started):  # all at once: each takes seconds to stop its Flower children
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+    for proc in started:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     _, leftovers = psutil.wait_procs(spawned, timeout=20)
     for p in leftovers:
         p.kill()

@@ -1,0 +1,132 @@
+"""Load: twenty real client processes on loopback (TLS, node authentication), three rounds with a tiny model.
+
+A quarter of the clients train each round. Flower starts a ClientApp process per message, and importing
+torch/transformers costs ~10 CPU-seconds; twenty at once on a 2-core runner starve Flower's task heartbeats
+(60 s patience) and it relaunches them, so a round sampling all twenty thrashes here (each on its own host
+would not).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import TINY_LABELS
+from tests.test_deployment import descendants, free_port, start, stop_all, wait_until_ready, write_data
+
+CLIENTS, SAMPLED, ROUNDS, ROWS = 20, 5, 3, 24
+LIMIT = 900  # seconds the whole federation may take before the test gives up and stops everything
+
+
+@pytest.fixture(scope="module")
+def load_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    from coordinator.service import init_home, register_key
+    from coordinator.service_config import ServiceConfig
+    from privacy.certs import make_node_keys
+
+    base = tmp_path_factory.mktemp("load")
+    port = free_port()
+    cfg = ServiceConfig(
+        home=base / "coord",
+        labels=TINY_LABELS,
+        listen="127.0.0.1",
+        port=port,
+        model=str(tiny_model_dir),
+        num_rounds=ROUNDS,
+        min_clients=SAMPLED,  # every sampled client must answer: an update lost anywhere fails the run
+        fraction_train=SAMPLED / CLIENTS,
+        fraction_evaluate=0.0,  # training only: the load is in the train messages
+        batch_size=8,
+        max_length=32,
+        round_timeout=LIMIT,
+        join_timeout=LIMIT,
+    )
+    init_home(cfg)
+    for i in range(CLIENTS):  # the library calls behind `fedtune-client keygen` and `fedtune-coordinator register`
+        register_key(cfg, make_node_keys(base / f"node{i}")[1])
+
+    toml = cfg.home / "coordinator.toml"
+    coordinator = start(["fedtune-coordinator", "start", "--config", str(toml)], base / "coordinator.log")
+    started = [coordinator]
+    peak = 0.0
+    try:
+        wait_until_ready(coordinator, base / "coordinator.log")
+        for i in range(CLIENTS):
+            data = write_data(base / f"data{i}.csv", ROWS, ROWS * i)
+            started.append(
+                start(
+                    [
+                        "fedtune-client",
+                        "start",
+                        "--coordinator",
+                        f"127.0.0.1:{port}",
+                        "--ca",
+                        str(cfg.tls_dir / "ca.pem"),
+                        "--key",
+                        str(base / f"node{i}" / "node.key"),
+                        "--data",
+                        str(data),
+                        "--home",
+                        str(base / f"home{i}"),
+                        "--runtime-port",
+                        str(free_port()),
+                        "--epsilon",
+                        "8",
+                    ],  # fmt: skip
+                    base / f"client{i}.log",
+                )
+            )
+        began = time.monotonic()
+        while coordinator.poll() is None and time.monotonic() - began < LIMIT:
+            pss = 0  # proportional set size: shared libraries counted once across the ~60 processes, not per process
+            for p in [psutil.Process(s.pid) for s in started if s.poll() is None] + descendants(started):
+                try:
+                    pss += p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            peak = max(peak, pss / 2**30)
+            time.sleep(2)
+        yield {
+            "cfg": cfg,
+            "base": base,
+            "rc": coordinator.poll(),
+            "seconds": time.monotonic() - began,
+            "peak_gib": peak,
+            "log": (base / "coordinator.log").read_text(),
+        }
+    finally:
+        leftovers = stop_all(started)
+        assert not leftovers, f"processes left running: {leftovers}"
+
+
+def test_twenty_clients_finish_three_rounds_by_themselves(load_run) -> None:
+    assert load_run["rc"] == 0, f"coordinator did not finish within {LIMIT} s:\n" + load_run["log"][-3000:]
+    print(f"\n{CLIENTS} clients x {ROUNDS} rounds: {load_run['seconds']:.0f} s, peak PSS {load_run['peak_gib']:.2f} GiB")
+
+
+def test_every_update_is_accounted_for(load_run) -> None:
+    from privacy.ledger import Ledger
+
+    (run_dir,) = (load_run["cfg"].runs_dir).iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == list(range(ROUNDS + 1))
+    assert results["faults"] == []
+    for entry in results["rounds"][1:]:
+        clients = entry["clients"]
+        assert SAMPLED <= len(clients) <= CLIENTS and not any(c["declined"] for c in clients.values())
+        assert all(c["num-examples"] > 0 for c in clients.values())
+        assert entry["train"]["max-epsilon"] == pytest.approx(max(c["epsilon"] for c in clients.values()))
+    # What the coordinator shows per client (rounds trained, epsilon) is what the data holders' own ledgers hold.
+    shown = sorted((len(c["rounds_trained"]), round(c["epsilon"], 9)) for c in results["clients"].values())
+    held = []
+    for i in range(CLIENTS):
+        path = load_run["base"] / f"home{i}" / "ledger.json"
+        if path.exists() and (summary := Ledger(path).summary()):
+            (entry,) = summary
+            held.append((sum(run["rounds"] for run in entry["runs"].values()), round(entry["spent"], 9)))
+    assert sorted(held) == shown
+    assert sum(n for n, _ in shown) == sum(len(r["clients"]) for r in results["rounds"][1:])
