@@ -134,8 +134,8 @@ STOPPED_FILE = "stopped.json"  # why a run stopped early; the CLI that started i
 
 
 def federate(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None) -> dict[str, Any]:
-    """run_federation, leaving the reason in the run folder when the run has to stop (the ServerApp's
-    exceptions do not reach the command the user ran: Flower runs it in another thread or process)."""
+    """run_federation, leaving the reason in the run folder when the run has to stop (in deployment the
+    ServerApp's exceptions do not reach `fedtune-coordinator start`: Flower runs it in another process)."""
     (cfg.out_dir / STOPPED_FILE).unlink(missing_ok=True)
     try:
         return run_federation(grid, cfg, num_clients, evaluator)

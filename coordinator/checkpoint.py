@@ -13,6 +13,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
+from coordinator.rounds import strategy_chain
+
 # Strategy attributes that carry state from round to round: the server optimiser's moments of the
 # FedOpt family (FedAdam: m_t, v_t). FedAvg, FedProx and the robust strategies keep none.
 STATE_ATTRS = ("m_t", "v_t")
@@ -34,19 +36,10 @@ class Checkpoint:
     settings: dict[str, Any]  # what a resumed run must share with this one
 
 
-def _strategies(strategy: Strategy) -> list[Strategy]:
-    # fedtune's wrappers keep their inner strategy in `inner`, Flower's DP wrappers in `strategy`.
-    chain = []
-    while strategy is not None and strategy not in chain:
-        chain.append(strategy)
-        strategy = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
-    return chain
-
-
 def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
     """The strategy's round-to-round state (see STATE_ATTRS), as plain arrays."""
     out = {}
-    for s in _strategies(strategy):
+    for s in strategy_chain(strategy):
         for attr in STATE_ATTRS:
             value = getattr(s, attr, None)
             if value:
@@ -55,7 +48,7 @@ def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
 
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
-    for s in _strategies(strategy):
+    for s in strategy_chain(strategy):
         for attr, value in state.items():
             if hasattr(s, attr):
                 setattr(s, attr, dict(value))

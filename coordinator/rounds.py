@@ -87,15 +87,23 @@ class RoundHooks:
     def round_done(self, server_round: int, arrays: ArrayRecord) -> None: ...
 
 
+def strategy_chain(strategy: Strategy) -> list[Strategy]:
+    """The strategy and every strategy it wraps: fedtune's wrappers keep theirs in `inner`, Flower's DP
+    wrappers in `strategy`."""
+    chain = []
+    while strategy is not None and strategy not in chain:
+        chain.append(strategy)
+        strategy = getattr(strategy, "inner", None) or getattr(strategy, "strategy", None)
+    return chain
+
+
 def _forget_pending(strategy: Strategy, server_round: int) -> None:
     # Flower's central-DP wrappers record one privacy event per configured round; a retried round
     # configures again, so the first, never-aggregated event must go.
-    s = strategy
-    while s is not None:
+    for s in strategy_chain(strategy):
         pending = getattr(s, "_pending_events", None)
         if isinstance(pending, dict):
             pending.pop(server_round, None)
-        s = getattr(s, "inner", None) or getattr(s, "strategy", None)
 
 
 def run_rounds(

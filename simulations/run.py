@@ -22,7 +22,7 @@ from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
 from client.evaluate import evaluate
 from client.model import load_tokenizer
 from client.train import encode
-from coordinator.app import STOPPED_FILE, make_server_app, resume_settings
+from coordinator.app import make_server_app, resume_settings
 from coordinator.checkpoint import CheckpointError, check_settings, load_checkpoint
 from coordinator.config import CoordinatorConfig
 from coordinator.rounds import JoinTimeout, RoundFailed
@@ -180,9 +180,6 @@ def simulate(
     except (RoundFailed, JoinTimeout, CheckpointError) as err:  # Flower re-raises the ServerApp's exception here
         raise FederationStopped(str(err)) from None
     results_path = out_dir / "results.json"
-    stopped = out_dir / STOPPED_FILE
-    if stopped.exists():  # older Flower versions log the ServerApp's exception instead of raising it
-        raise FederationStopped(json.loads(stopped.read_text())["reason"])
     if not results_path.exists():
         raise RuntimeError(f"the simulation ended without writing {results_path}; rerun with --verbose for Flower's logs")
     return json.loads(results_path.read_text())
