@@ -22,6 +22,8 @@ Encoded = list[dict[str, list[int] | int]]
 
 def encode(examples: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
     """Token ids per example (unpadded; batches are padded to their own longest row)."""
+    if examples.num_rows == 0:  # e.g. no local evaluation split; fast tokenizers fail on an empty list
+        return []
     enc = tokenizer(list(examples["text"]), truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     return [{**{k: enc[k][i] for k in keys}, "labels": label} for i, label in enumerate(list(examples["label"]))]

@@ -35,6 +35,13 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--text-column", "text_column", str, "text column of a data file (default text)"),
     ("--label-column", "label_column", str, "label column of a data file (default label)"),
     ("--test-fraction", "test_fraction", float, "share held out for central evaluation (default 0.15)"),
+    (
+        "--test-dataset",
+        "test_dataset",
+        str,
+        "a separate file (same columns and labels) for the central evaluation, e.g. a dev set; "
+        "all of --dataset is then shared among the clients",
+    ),
     ("--partitioning", "partitioning", str, "iid | dirichlet | shard (default dirichlet)"),
     ("--alpha", "alpha", float, "Dirichlet concentration; smaller is more non-IID (default 0.5)"),
     ("--shards-per-client", "shards_per_client", int, "shards per client for --partitioning shard (default 2)"),
@@ -56,6 +63,12 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--head-lr", "head_learning_rate", float, "client learning rate for the classification head (default 2.0)"),
     ("--batch-size", "batch_size", int, "expected batch size, Poisson-sampled under DP (default 128)"),
     ("--local-epochs", "local_epochs", int, "local epochs per round (default 1)"),
+    (
+        "--eval-fraction",
+        "eval_fraction",
+        float,
+        "share of each client's data kept for its local evaluation, not trained on (default 0.2)",
+    ),
     ("--seed", "seed", int, "seed for splits, initialisation, sampling and noise (default 0)"),
     ("--device", "device", str, "auto | cpu | cuda (default auto)"),
     ("--out", "out", str, "run folder (default runs/<timestamp>)"),

@@ -41,6 +41,7 @@ class SimulationConfig:
     label_column: str = "label"
     labels: tuple[str, ...] = ()
     test_fraction: float = 0.15
+    test_dataset: str = ""  # a separate file for the central evaluation; then test_fraction is unused
     partitioning: str = "dirichlet"
     alpha: float = 0.5
     shards_per_client: int = 2
@@ -69,6 +70,7 @@ class SimulationConfig:
     head_learning_rate: float = 2.0
     batch_size: int = 128
     local_epochs: int = 1
+    eval_fraction: float = 0.2  # share of each client's data kept for its local evaluation
     # run
     seed: int = 0
     device: str = "auto"

@@ -40,6 +40,7 @@ class DataSpec:
     label_column: str = "label"
     labels: tuple[str, ...] = ()
     test_fraction: float = 0.15
+    test_dataset: str = ""
     partitioning: str = "dirichlet"
     alpha: float = 0.5
     shards_per_client: int = 2
@@ -82,9 +83,16 @@ def load_source(spec: DataSpec) -> tuple[datasets.Dataset, tuple[str, ...]]:
 
 @functools.lru_cache(maxsize=2)
 def split(spec: DataSpec) -> tuple[datasets.Dataset, datasets.Dataset, tuple[str, ...]]:
-    """(clients' pool, coordinator's held-out split, labels), stratified and seeded; cached per process."""
+    """(clients' pool, coordinator's held-out split, labels), stratified and seeded; cached per process.
+
+    With `test_dataset` the held-out split is that file (a published dev set, say) and the whole source is
+    the clients' pool.
+    """
     examples, labels = load_source(spec)
     examples = examples.cast_column("label", datasets.ClassLabel(names=list(labels)))
+    if spec.test_dataset:
+        held, _ = load_examples(spec.test_dataset, labels, spec.text_column, spec.label_column)
+        return examples, held.cast_column("label", examples.features["label"]), labels
     parts = examples.train_test_split(test_size=spec.test_fraction, stratify_by_column="label", seed=spec.seed)
     return parts["train"], parts["test"], labels
 

@@ -118,6 +118,7 @@ def simulate(
             "dataset": cfg.dataset,
             "pool_examples": len(pool),
             "held_out_examples": len(held_out),
+            "held_out_source": cfg.test_dataset or f"{cfg.test_fraction:g} of the dataset, stratified",
             "partitioning": cfg.partitioning,
             "partition_sizes": sizes,
         },

@@ -46,6 +46,7 @@ SIMULATE: list[tuple[str, Setup, str]] = [
     ("flag delta above 1", flags("--delta", "2"), "delta"),
     ("flag model directory missing", flags("--model", "/nonexistent/model-dir"), "cannot load model"),
     ("flag dirichlet alpha", flags("--alpha", "0"), "alpha"),
+    ("flag test dataset missing", flags("--test-dataset", "/nonexistent/dev.csv"), "dev.csv"),
 ]
 
 

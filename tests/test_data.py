@@ -105,3 +105,17 @@ def test_cli_reports_bad_data_without_traceback(tmp_path: Path) -> None:
     assert "not valid UTF-8" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_simulation_evaluates_on_a_separate_test_file(write_csv) -> None:
+    from simulations.datasets import DataSpec, split
+    from tests.conftest import sentiment_rows
+
+    train = write_csv(sentiment_rows(40), "train.csv")
+    dev = write_csv([("truly superb", "1"), ("dreadful", "negative"), ("nice", "positive")], "dev.csv")
+    pool, held, labels = split(DataSpec(dataset=str(train), labels=LABELS, test_dataset=str(dev)))
+    assert labels == LABELS
+    assert len(pool) == 40  # every training row goes to the clients
+    assert list(held["text"]) == ["truly superb", "dreadful", "nice"]
+    assert list(held["label"]) == [1, 0, 1]
+    assert held.features["label"].names == list(LABELS)

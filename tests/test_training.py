@@ -48,3 +48,39 @@ def test_a_round_of_dp_sgd_changes_every_trainable_weight_and_spends_the_plan(
     assert len(changed) == len(before), sorted(set(before) - set(changed))[:5]
     assert all(torch.isfinite(v).all() for v in after.values())
     assert epsilon_spent(outcome.history * 2, cfg.privacy.delta, "rdp") == pytest.approx(cfg.privacy.target_epsilon, rel=0.01)
+
+
+@pytest.mark.parametrize("eval_fraction", [0.2, 0.0], ids=["too-few-rows-to-hold-back", "no-local-evaluation"])
+def test_a_data_holder_with_no_local_evaluation_split_trains_and_evaluates(
+    eval_fraction: float, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer than 10 rows, or eval fraction 0, leave no local evaluation split; encoding it used to crash."""
+    import datasets
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import handle_evaluate, handle_train
+    from client.config import ClientConfig, ModelSpec, TrainSpec
+    from client.model import build_model, trainable_state
+
+    cfg = ClientConfig(
+        labels=TINY_LABELS,
+        model=ModelSpec(name=str(tiny_model_dir), max_length=32),
+        train=TrainSpec(batch_size=4, device="cpu", eval_fraction=eval_fraction),
+    )
+    rows = sentiment_rows(6 if eval_fraction else 20)
+    names = list(TINY_LABELS)
+    data = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [names.index(y) for _, y in rows]})
+    arrays = ArrayRecord(trainable_state(build_model(cfg.model, TINY_LABELS)))
+    for attr in ("_run_id", "_node_id", "_task_id"):  # Messages can only be made inside a run
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "num-rounds": 1})})
+    reply = handle_train(Message(content, dst_node_id=7, message_type="train"), context, cfg, lambda _: data, {})
+    assert not reply.has_error()
+    assert reply.content["metrics"]["num-examples"] == len(rows)  # every row trains: none is held back
+    assert 0 < reply.content["metrics"]["epsilon"] <= cfg.privacy.target_epsilon * 1.01
+    reply = handle_evaluate(
+        Message(RecordDict({"arrays": arrays}), dst_node_id=7, message_type="evaluate"), context, cfg, lambda _: data
+    )
+    assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 0
