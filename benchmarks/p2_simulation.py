@@ -9,7 +9,6 @@ of Flower's Hugging Face and Opacus examples (load the model, tokenise and build
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-LABELS = ("negative", "positive")
+from benchmarks.sst2 import LABELS
 
 
 class Timing:
@@ -42,18 +41,6 @@ class Timing:
         if not reply.has_error():
             reply.content["metrics"]["handler-seconds"] = time.perf_counter() - began
         return reply
-
-
-def sst2_rows(path: Path, n: int, out: Path) -> Path:
-    """The first n rows of an SST-2 TSV as a text,label CSV."""
-    lines = path.read_text(encoding="utf-8").splitlines()[1 : n + 1]
-    with out.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        for line in lines:
-            text, label = line.rsplit("\t", 1)
-            w.writerow([text, LABELS[int(label)]])
-    return out
 
 
 def run(pattern: str, data: Path, model: str, clients: int, rounds: int, cpus: float, out: Path) -> dict[str, Any]:
@@ -102,7 +89,8 @@ def run(pattern: str, data: Path, model: str, clients: int, rounds: int, cpus: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.record import RESULTS, SHARED_DATA, write
+    from benchmarks.record import RESULTS, write
+    from benchmarks.sst2 import sst2_csv, sst2_present
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.p2_simulation", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm", help="minilm (bundled) or a local model directory")
@@ -119,11 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
-            sst2 = SHARED_DATA / "sst2" / "train.tsv"
-            if not sst2.exists():
-                print(f"P2 skipped: {sst2} is absent (pass --data FILE.csv)", file=sys.stderr)
+            if not sst2_present("P2 (or pass --data FILE.csv)"):
                 return 0
-            data = sst2_rows(sst2, args.rows, Path(tmp) / "sst2.csv")
+            data = sst2_csv("train", Path(tmp) / "sst2.csv", args.rows)
         rows = [run(pattern, data, args.model, args.clients, args.rounds, args.cpus_per_client, Path(tmp))
                 for pattern in ("fedtune", "naive")]  # fmt: skip
     rows[0]["speedup_vs_naive"] = rows[0]["updates_per_s"] / rows[1]["updates_per_s"]
