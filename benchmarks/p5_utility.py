@@ -4,7 +4,7 @@ Centralised training is the same code with one data holder that has all the rows
 the rows among 10 clients (Dirichlet alpha 0.5 over the labels). Every run passes over the training rows the
 same number of times (one local epoch per round), and is evaluated on SST-2's dev set after every round.
 
-    python -m benchmarks.p5_utility                # 8000 train rows, 3 epochs/rounds, 5 settings (~45 min, 2 cores)
+    python -m benchmarks.p5_utility                # 16000 train rows, 3 epochs/rounds, 5 settings (~40 min, 2 cores)
     python -m benchmarks.p5_utility --smoke --model DIR --data FILE --test FILE
 """
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="minilm", help="minilm (bundled) or a local model directory")
     p.add_argument("--data", type=Path, help="training rows, a text,label CSV (default: the first --rows of SST-2 train)")
     p.add_argument("--test", type=Path, help="evaluation rows, a text,label CSV (default: SST-2 dev)")
-    p.add_argument("--rows", type=int, default=8000, help="SST-2 training rows used (default 8000 of 67,349)")
+    p.add_argument("--rows", type=int, default=16000, help="SST-2 training rows used (default 16000 of 67,349)")
     p.add_argument("--rounds", type=int, default=3, help="rounds = epochs over the training rows (default 3)")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=128)

@@ -78,6 +78,9 @@ class TrainSpec:
     learning_rate: float = 0.05
     head_learning_rate: float = 2.0
     batch_size: int = 128
+    # Each sampled batch runs as forward/backward passes of at most this many rows of similar length, each
+    # padded only to its own longest row (0: one pass per batch). Same gradients, fewer padding tokens.
+    physical_batch_size: int = 32
     local_epochs: int = 1
     eval_fraction: float = 0.2  # share of the local data kept for local evaluation
     device: str = "auto"
@@ -88,6 +91,7 @@ class TrainSpec:
         _require(self.head_learning_rate > 0, f"head learning rate must be > 0, got {self.head_learning_rate}")
         _require(self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        _require(self.physical_batch_size >= 0, f"physical batch size must be >= 0, got {self.physical_batch_size}")
         _require(self.local_epochs >= 1, f"local epochs must be >= 1, got {self.local_epochs}")
         _require(0 <= self.eval_fraction < 1, f"eval fraction must be in [0, 1), got {self.eval_fraction}")
         _require(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")

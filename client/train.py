@@ -61,6 +61,22 @@ def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torc
     return model(**batch)
 
 
+def length_grouped(batch: dict[str, torch.Tensor], rows_per_pass: int) -> list[dict[str, torch.Tensor]]:
+    """Split a padded batch into passes of at most `rows_per_pass` rows of similar length, each cut to its
+    own longest row. Measured (benchmarks/padding.py, MiniLM + LoRA, batch 128 of SST-2 rows, ~13 tokens
+    each): passes of 32 compute 42% of the padded tokens and make a DP-SGD round 2.6x faster."""
+    rows = batch["labels"].numel()
+    if rows_per_pass <= 0 or rows <= rows_per_pass:
+        return [batch]
+    mask = batch["attention_mask"]
+    order = torch.argsort(mask.sum(1), stable=True)
+    passes = []
+    for idx in order.split(rows_per_pass):
+        keep = mask[idx].any(0)  # the columns some row of this pass uses (left or right padding alike)
+        passes.append({k: v[idx][:, keep] if v.dim() == 2 else v[idx] for k, v in batch.items()})
+    return passes
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """What one round of local DP-SGD costs: Opacus' sample rate and step count for this data."""
@@ -152,20 +168,37 @@ def train_round(
             # clipping 1.8x and 1.8 GB (it never materialises per-sample gradients of the embeddings).
             grad_sample_mode="hooks" if cfg.model.lora else "ghost",
         )
+    # Ghost clipping runs its own two backward passes per loss, so it takes a batch in one pass.
+    rows_per_pass = cfg.train.physical_batch_size if criterion is None else 0
     total_loss, seen, steps = 0.0, 0, 0
     with warnings.catch_warnings():
         # Expected with frozen embeddings (LoRA): PyTorch notes that no hooked input requires grad.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for _ in range(cfg.train.local_epochs):
             for batch in loader:
+                passes = length_grouped(batch, rows_per_pass)
+                rows = batch["labels"].numel()
                 optimizer.zero_grad(set_to_none=True)
-                loss = _loss(runner, batch, device, criterion, params)
-                # Also for an empty Poisson batch: Opacus then takes the noise-only step the accounting assumes.
-                if loss is not None:
-                    loss.backward()
+                for i, part in enumerate(passes):
+                    last = i == len(passes) - 1
+                    if plan is not None and i > 0:
+                        # Opacus keeps the clipped per-sample sums of the skipped passes (its virtual steps).
+                        optimizer.zero_grad(set_to_none=True)
+                    loss = _loss(runner, part, device, criterion, params)
+                    # Also for an empty Poisson batch: Opacus then takes the noise-only step the accounting assumes.
+                    if loss is not None:
+                        # Under DP, Opacus rescales per-sample gradients itself; without, weight each pass's
+                        # mean by its share of the batch so the accumulated gradient is the batch mean.
+                        (loss if plan is not None else loss * part["labels"].numel() / max(rows, 1)).backward()
+                    if plan is not None:
+                        # One noisy step per sampled batch: the earlier passes only clip and accumulate.
+                        optimizer.signal_skip_step(do_skip=not last)
+                        optimizer.step()
+                    if loss is not None and (n := part["labels"].numel()):
+                        total_loss, seen = total_loss + float(loss.detach()) * n, seen + n
                 if plan is None:  # without DP, clip the batch gradient so the same learning rate is stable
                     torch.nn.utils.clip_grad_norm_(params, cfg.privacy.max_grad_norm)
-                optimizer.step()
+                    optimizer.step()
                 steps += 1
                 if proximal_mu > 0:
                     # FedProx as a decoupled proximal step: a gradient term in the loss would be
@@ -174,8 +207,6 @@ def train_round(
                         for group in optimizer.param_groups:
                             for p in group["params"]:
                                 p.sub_(group["lr"] * proximal_mu * (p - anchor_of[id(p)]))
-                if loss is not None and (n := batch["labels"].numel()):
-                    total_loss, seen = total_loss + float(loss.detach()) * n, seen + n
     if engine is not None:
         runner._close()  # drop Opacus' hooks so the same model can be trained again next round
     new_history = list(engine.accountant.history) if engine is not None else list(history)

@@ -62,6 +62,13 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--lr", "learning_rate", float, "client learning rate for adapters / encoder weights (default 0.05)"),
     ("--head-lr", "head_learning_rate", float, "client learning rate for the classification head (default 2.0)"),
     ("--batch-size", "batch_size", int, "expected batch size, Poisson-sampled under DP (default 128)"),
+    (
+        "--physical-batch-size",
+        "physical_batch_size",
+        int,
+        "rows per forward/backward pass: each batch runs as length-sorted passes, padded per pass "
+        "(default 32; 0: one pass per batch). The same step, less padding; lower it to save memory",
+    ),
     ("--local-epochs", "local_epochs", int, "local epochs per round (default 1)"),
     (
         "--eval-fraction",

@@ -69,6 +69,7 @@ class SimulationConfig:
     learning_rate: float = 0.05
     head_learning_rate: float = 2.0
     batch_size: int = 128
+    physical_batch_size: int = 32  # rows per length-sorted forward/backward pass (0: one pass per batch)
     local_epochs: int = 1
     eval_fraction: float = 0.2  # share of each client's data kept for its local evaluation
     # run
