@@ -1,6 +1,7 @@
 """P2: simulation efficiency: the share of wall time spent in client training, and client updates per second,
 for fedtune's workers (model, tokenizer and tokenised partitions cached per worker) and for the naive pattern
-of Flower's Hugging Face and Opacus examples (load the model, tokenise and build a PrivacyEngine in every call).
+of Flower's Hugging Face and Opacus examples (load the model, tokenise and build a PrivacyEngine in every call,
+and train each batch as one pass padded to its longest row).
 
     python -m benchmarks.p2_simulation                     # 100 clients x 2 rounds, SST-2 rows, MiniLM + LoRA, DP
     python -m benchmarks.p2_simulation --smoke --model DIR --data FILE
@@ -61,6 +62,8 @@ def run(pattern: str, data: Path, model: str, clients: int, rounds: int, cpus: f
             model=model,
             partitioning="iid",
             cpus_per_client=cpus,
+            # The examples pad each batch to its longest row in one pass (DataCollatorWithPadding).
+            **({"physical_batch_size": 0} if pattern == "naive" else {}),
             fraction_evaluate=0.0,
             out=str(out / pattern),
         ),  # fmt: skip

@@ -14,15 +14,18 @@ from client.train import Encoded, forward, make_loader
 def predict(
     model: torch.nn.Module, data: Encoded, tokenizer: PreTrainedTokenizerBase, batch_size: int, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Labels, predictions and mean cross-entropy loss over `data`."""
+    """Labels, predictions (both in the order of `data`) and mean cross-entropy loss over `data`."""
     model.to(device).eval()
+    # Batches of rows of similar length pad little (as training's length-grouped passes do).
+    order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
     labels, preds, loss_sum = [], [], 0.0
-    for batch in make_loader(data, tokenizer, batch_size, shuffle=False):
+    for batch in make_loader([data[i] for i in order], tokenizer, batch_size, shuffle=False):
         out = forward(model, batch, device)
         loss_sum += float(out.loss) * batch["labels"].numel()
         labels.append(batch["labels"].numpy())
         preds.append(out.logits.argmax(-1).cpu().numpy())
-    y, p = np.concatenate(labels), np.concatenate(preds)
+    unsort = np.argsort(order)
+    y, p = np.concatenate(labels)[unsort], np.concatenate(preds)[unsort]
     return y, p, loss_sum / len(y)
 
 

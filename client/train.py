@@ -125,6 +125,40 @@ def _loss(runner: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch
     return criterion(logits, labels.to(device))
 
 
+def _step(
+    runner: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    passes: list[dict[str, torch.Tensor]],
+    dp: bool,
+    device: torch.device,
+    criterion,
+    params: list[torch.nn.Parameter],
+) -> tuple[float, int]:
+    """Gradients of one sampled batch, run as `passes`; under DP also the optimizer step (one noise draw).
+
+    Returns (summed loss, rows). Under DP the earlier passes go through Opacus' skip-step path (its virtual
+    steps): each row is clipped once and the clipped sums carry over to the one noisy step of the batch.
+    """
+    rows = sum(p["labels"].numel() for p in passes)
+    loss_sum = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    for i, part in enumerate(passes):
+        if dp and i > 0:
+            optimizer.zero_grad(set_to_none=True)  # drops the last pass's per-sample gradients, keeps their clipped sum
+        loss = _loss(runner, part, device, criterion, params)
+        # Also for an empty Poisson batch: Opacus then takes the noise-only step the accounting assumes.
+        if loss is not None:
+            # Opacus scales per-sample gradients itself; without DP, weight each pass's mean by its share
+            # of the batch so that the accumulated gradient is the batch mean.
+            (loss if dp else loss * part["labels"].numel() / max(rows, 1)).backward()
+            if n := part["labels"].numel():  # an empty batch's mean loss is NaN
+                loss_sum += float(loss.detach()) * n
+        if dp:
+            optimizer.signal_skip_step(do_skip=i < len(passes) - 1)
+            optimizer.step()
+    return loss_sum, rows
+
+
 def train_round(
     model: torch.nn.Module,
     data: Encoded,
@@ -176,30 +210,13 @@ def train_round(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for _ in range(cfg.train.local_epochs):
             for batch in loader:
-                passes = length_grouped(batch, rows_per_pass)
-                rows = batch["labels"].numel()
-                optimizer.zero_grad(set_to_none=True)
-                for i, part in enumerate(passes):
-                    last = i == len(passes) - 1
-                    if plan is not None and i > 0:
-                        # Opacus keeps the clipped per-sample sums of the skipped passes (its virtual steps).
-                        optimizer.zero_grad(set_to_none=True)
-                    loss = _loss(runner, part, device, criterion, params)
-                    # Also for an empty Poisson batch: Opacus then takes the noise-only step the accounting assumes.
-                    if loss is not None:
-                        # Under DP, Opacus rescales per-sample gradients itself; without, weight each pass's
-                        # mean by its share of the batch so the accumulated gradient is the batch mean.
-                        (loss if plan is not None else loss * part["labels"].numel() / max(rows, 1)).backward()
-                    if plan is not None:
-                        # One noisy step per sampled batch: the earlier passes only clip and accumulate.
-                        optimizer.signal_skip_step(do_skip=not last)
-                        optimizer.step()
-                    if loss is not None and (n := part["labels"].numel()):
-                        total_loss, seen = total_loss + float(loss.detach()) * n, seen + n
+                loss_sum, rows = _step(
+                    runner, optimizer, length_grouped(batch, rows_per_pass), plan is not None, device, criterion, params
+                )
                 if plan is None:  # without DP, clip the batch gradient so the same learning rate is stable
                     torch.nn.utils.clip_grad_norm_(params, cfg.privacy.max_grad_norm)
                     optimizer.step()
-                steps += 1
+                total_loss, seen, steps = total_loss + loss_sum, seen + rows, steps + 1
                 if proximal_mu > 0:
                     # FedProx as a decoupled proximal step: a gradient term in the loss would be
                     # invisible to Opacus' per-sample gradients, and this step only uses public weights.

@@ -130,3 +130,24 @@ def test_length_grouped_passes_give_the_same_step_as_one_padded_pass(dp: bool, t
     assert [p["labels"].numel() for p in parts] == [4, 4, 4, 4]
     assert sum(p["input_ids"].numel() for p in parts) < 0.75 * batch["input_ids"].numel()
     assert sorted(torch.cat([p["labels"] for p in parts]).tolist()) == sorted(batch["labels"].tolist())
+
+
+def test_predictions_come_back_in_the_order_of_the_rows(tiny_model_dir: Path) -> None:
+    """Evaluation batches rows by length; what it returns must still line up with the rows given."""
+    import datasets
+    import torch
+
+    from client.config import ModelSpec
+    from client.evaluate import predict
+    from client.model import build_model, load_tokenizer
+    from client.train import encode, forward, make_loader
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    texts = [" ".join(["good"] * (1 + (i * 5) % 9)) + f" {i}" for i in range(20)]
+    data = encode(datasets.Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(20)]}), tokenizer, 32)
+    model = build_model(ModelSpec(name=str(tiny_model_dir)), TINY_LABELS)
+    y, p, _ = predict(model, data, tokenizer, 4, torch.device("cpu"))
+    assert y.tolist() == [i % 2 for i in range(20)]
+    with torch.no_grad():  # one row at a time, in order: no padding, no reordering
+        expected = [int(forward(model, b, torch.device("cpu")).logits.argmax(-1)) for b in make_loader(data, tokenizer, 1, False)]
+    assert p.tolist() == expected
