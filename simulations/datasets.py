@@ -88,6 +88,7 @@ def split(spec: DataSpec) -> tuple[datasets.Dataset, datasets.Dataset, tuple[str
     With `test_dataset` the held-out split is that file (a published dev set, say) and the whole source is
     the clients' pool.
     """
+    datasets.disable_progress_bars()  # also in Ray workers, whose output reaches the user's terminal
     examples, labels = load_source(spec)
     examples = examples.cast_column("label", datasets.ClassLabel(names=list(labels)))
     if spec.test_dataset:

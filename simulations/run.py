@@ -82,6 +82,10 @@ def simulate(
     """
     from flwr.simulation import run_simulation  # heavy import (Ray); only when a run starts
 
+    from simulations import dispatch
+
+    dispatch.install()  # rounds then cost what the sampled clients cost, not what all clients do
+
     console = console or Console(stderr=True)
     _quiet_libraries(cfg.verbose)
     data_spec = _same_named(DataSpec, cfg)

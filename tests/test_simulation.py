@@ -298,3 +298,19 @@ def test_central_dp_noise_std_is_z_times_c_over_sampled_clients(monkeypatch) -> 
     noise = arrays["w"].numpy() - clipped
     assert float(np.std(noise)) == pytest.approx(0.7 * 2.0 / 4, rel=0.01)
     assert abs(float(np.mean(noise))) < 0.01 * clipped + 5 * 0.35 / np.sqrt(noise.size)
+
+
+def test_flower_engine_polls_only_addressed_nodes() -> None:
+    """fedtune replaces Flower 1.42's per-node polling loop; if Flower renames or reshapes it, this fails
+    instead of the replacement silently going unused."""
+    import inspect
+
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from simulations import dispatch
+
+    flower = inspect.signature(dispatch._FLOWER_POLL)
+    assert list(flower.parameters) == ["state", "queue", "nodes_mapping", "f_stop"]
+    assert "add_messages_to_queue" in inspect.getsource(vce_api.run_api)  # the name run_api looks up per call
+    dispatch.install()
+    assert vce_api.add_messages_to_queue is dispatch.poll_addressed_nodes
