@@ -85,7 +85,8 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
         if ckpt is not None:
             restore_strategy_state(strategy, ckpt.strategy_state)
         else:
-            wait_for_clients(grid, num_clients, cfg.join_timeout)
+            # Round 1 may wait for more clients than later rounds need (deployment: every known hospital).
+            wait_for_clients(grid, max(num_clients, cfg.wait_for_clients), cfg.join_timeout)
             evaluate_fn(0, arrays)
         policy = RoundPolicy(
             deadline=cfg.round_timeout,

@@ -27,6 +27,7 @@ class CoordinatorConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_clients: int = 2
+    wait_for_clients: int = 0  # clients connected before round 1 starts, when more than min_clients
     proximal_mu: float = 0.01  # FedProx only
     server_learning_rate: float = 0.01  # FedAdam only (eta)
     round_timeout: float = 3600.0  # deadline of each phase (train, evaluate) of a round, in seconds
@@ -54,6 +55,7 @@ class CoordinatorConfig:
             ),
             (0 <= self.fraction_evaluate <= 1, f"evaluate fraction must be in [0, 1], got {self.fraction_evaluate}"),
             (self.min_clients >= 1, f"min clients must be >= 1, got {self.min_clients}"),
+            (self.wait_for_clients >= 0, f"clients to wait for must be >= 0, got {self.wait_for_clients}"),
             (self.proximal_mu >= 0, f"proximal mu must be >= 0, got {self.proximal_mu}"),
             (self.server_learning_rate > 0, f"server learning rate must be > 0, got {self.server_learning_rate}"),
             (self.round_timeout > 0, f"round timeout must be > 0, got {self.round_timeout}"),

@@ -33,6 +33,7 @@ def config_from_run(run_config: dict[str, Any]) -> tuple[CoordinatorConfig, int]
         fraction_train=float(run_config["fraction-train"]),
         fraction_evaluate=float(run_config["fraction-evaluate"]),
         min_clients=int(run_config["min-clients"]),
+        wait_for_clients=int(run_config.get("wait-for-clients", 0)),
         proximal_mu=float(run_config["proximal-mu"]),
         server_learning_rate=float(run_config["server-learning-rate"]),
         round_timeout=float(run_config["round-timeout"]),

@@ -33,6 +33,7 @@ class ServiceConfig:
     num_rounds: int = 5
     strategy: str = "fedavg"
     min_clients: int = 2
+    wait_for_clients: int = 0  # clients connected before round 1 starts (0: min_clients); later rounds need min_clients
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     proximal_mu: float = 0.01
@@ -61,6 +62,10 @@ class ServiceConfig:
             (1 <= self.port <= 65535, f"port must be in 1..65535, got {self.port}"),
             (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
             (self.min_clients >= 1, f"min_clients must be >= 1, got {self.min_clients}"),
+            (
+                self.wait_for_clients == 0 or self.wait_for_clients >= self.min_clients,
+                f"wait_for_clients must be 0 (= min_clients) or >= min_clients ({self.min_clients}), got {self.wait_for_clients}",
+            ),
             (self.num_rounds >= 1, f"num_rounds must be >= 1, got {self.num_rounds}"),
             (self.round_timeout > 0, f"round_timeout must be > 0 seconds, got {self.round_timeout}"),
             (self.round_retries >= 0, f"round_retries must be >= 0, got {self.round_retries}"),
@@ -100,6 +105,7 @@ class ServiceConfig:
             "num-rounds": self.num_rounds,
             "strategy": self.strategy,
             "min-clients": self.min_clients,
+            "wait-for-clients": self.wait_for_clients or self.min_clients,
             "fraction-train": self.fraction_train,
             "fraction-evaluate": self.fraction_evaluate,
             "proximal-mu": self.proximal_mu,

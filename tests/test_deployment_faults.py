@@ -64,6 +64,7 @@ def crashed_and_resumed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir
             model=str(tiny_model_dir),
             num_rounds=ROUNDS,
             min_clients=2,  # a round goes on with two of the three clients
+            wait_for_clients=3,  # but round 1 starts with all three, so the victim is in it (else a race)
             round_timeout=150,  # the dead client is dropped at the latest after this
             fraction_evaluate=0.0,  # a round is its training: it ends once the survivors' updates are in
             batch_size=16,
