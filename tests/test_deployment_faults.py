@@ -181,6 +181,12 @@ def test_a_superlink_left_by_a_dead_coordinator_is_stopped_on_start(tmp_path: Pa
     # Stands in for the orphaned SuperLink: a process group leader whose parent is gone (init reaps it).
     spawn = subprocess.run(["sh", "-c", "setsid sleep 600 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True)
     leftover = psutil.Process(int(spawn.stdout))
+    # `echo $!` can run before the child has called setsid(); the SuperLink it stands in for (Popen with
+    # start_new_session) leads its own group from its first instruction, so wait for that here.
+    deadline = time.monotonic() + 30
+    while os.getpgid(leftover.pid) != leftover.pid:
+        assert time.monotonic() < deadline, "the stand-in SuperLink never became a process group leader"
+        time.sleep(0.05)
     live_owner = subprocess.Popen(["sleep", "600"])
     superlink = None
     try:
