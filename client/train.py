@@ -133,8 +133,9 @@ def _step(
     device: torch.device,
     criterion,
     params: list[torch.nn.Parameter],
+    max_grad_norm: float,
 ) -> tuple[float, int]:
-    """Gradients of one sampled batch, run as `passes`; under DP also the optimizer step (one noise draw).
+    """One optimizer step on a sampled batch, run as `passes` (one noise draw under DP).
 
     Returns (summed loss, rows). Under DP the earlier passes go through Opacus' skip-step path (its virtual
     steps): each row is clipped once and the clipped sums carry over to the one noisy step of the batch.
@@ -156,6 +157,9 @@ def _step(
         if dp:
             optimizer.signal_skip_step(do_skip=i < len(passes) - 1)
             optimizer.step()
+    if not dp:  # clip the batch gradient so that the same learning rate is stable without DP
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
     return loss_sum, rows
 
 
@@ -210,12 +214,9 @@ def train_round(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for _ in range(cfg.train.local_epochs):
             for batch in loader:
-                loss_sum, rows = _step(
-                    runner, optimizer, length_grouped(batch, rows_per_pass), plan is not None, device, criterion, params
-                )
-                if plan is None:  # without DP, clip the batch gradient so the same learning rate is stable
-                    torch.nn.utils.clip_grad_norm_(params, cfg.privacy.max_grad_norm)
-                    optimizer.step()
+                passes = length_grouped(batch, rows_per_pass)
+                dp = plan is not None
+                loss_sum, rows = _step(runner, optimizer, passes, dp, device, criterion, params, cfg.privacy.max_grad_norm)
                 total_loss, seen, steps = total_loss + loss_sum, seen + rows, steps + 1
                 if proximal_mu > 0:
                     # FedProx as a decoupled proximal step: a gradient term in the loss would be
