@@ -1,21 +1,27 @@
 """fedtune's privacy library: DP-SGD accounting and Opacus wiring; imports no other fedtune role."""
 
-import logging
+from __future__ import annotations
 
-_root_handlers = list(logging.root.handlers)
+from typing import Any
 
-from privacy.accounting import (  # noqa: E402
+from privacy.accounting import (
     ACCOUNTANTS,
     History,
     PrivacyBudgetError,
     calibrate_noise,
     epsilon_spent,
 )
-from privacy.dp_sgd import make_private  # noqa: E402
 
-# Opacus calls logging.basicConfig() on import; without undoing it every library's log line prints twice.
-for _handler in [h for h in logging.root.handlers if h not in _root_handlers]:
-    logging.root.removeHandler(_handler)
+
+def __getattr__(name: str) -> Any:
+    # make_private needs torch and Opacus; loading them on first use keeps `import privacy` light for the
+    # CLIs and certificate/ledger work (PEP 562 module attribute).
+    if name == "make_private":
+        from privacy.dp_sgd import make_private
+
+        return make_private
+    raise AttributeError(f"module 'privacy' has no attribute {name!r}")
+
 
 __all__ = [
     "ACCOUNTANTS",

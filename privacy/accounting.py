@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import warnings
-
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from collections.abc import Iterator
 
 # One entry per run of identical DP-SGD steps: (noise_multiplier, sample_rate, steps).
 # This is exactly Opacus' own accountant history format, so a saved history can be handed
@@ -20,6 +20,15 @@ class PrivacyBudgetError(ValueError):
     """The requested privacy budget cannot be met with the planned training."""
 
 
+@contextlib.contextmanager
+def opacus_imported_quietly() -> Iterator[None]:
+    """Import Opacus inside this block: its import calls logging.basicConfig(), which doubles every log line."""
+    before = list(logging.root.handlers)
+    yield
+    for handler in [h for h in logging.root.handlers if h not in before]:
+        logging.root.removeHandler(handler)
+
+
 def _check_accountant(accountant: str) -> None:
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
@@ -31,6 +40,10 @@ def _check_accountant(accountant: str) -> None:
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """Return the smallest noise multiplier whose `steps` DP-SGD steps spend at most `target_epsilon`."""
     _check_accountant(accountant)
+    # Opacus is imported here, not at the top: it pulls in torch (~4 CPU-seconds, ~400 MB), which the CLIs
+    # and a client's supervising process (ledger checks, certificates) never need.
+    with opacus_imported_quietly():
+        from opacus.accountants.utils import get_noise_multiplier
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
@@ -55,6 +68,8 @@ def epsilon_spent(history: History, delta: float, accountant: str = "rdp") -> fl
     _check_accountant(accountant)
     if not history:
         return 0.0
+    with opacus_imported_quietly():  # on first use only, as in calibrate_noise
+        from opacus.accountants import create_accountant
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(z), float(q), int(s)) for z, q, s in history]
     with warnings.catch_warnings():

@@ -5,11 +5,13 @@ from __future__ import annotations
 import warnings
 
 import torch
-from opacus import PrivacyEngine
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch.utils.data import DataLoader
 
-from privacy.accounting import History
+from privacy.accounting import History, opacus_imported_quietly
+
+with opacus_imported_quietly():
+    from opacus import PrivacyEngine
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
 
 def make_private(

@@ -361,3 +361,18 @@ def test_client_joins_over_a_non_loopback_address(two_hosts, tmp_path: Path, tin
     assert report["declined"] == 0 and report["epsilon"] > 0
     assert "round 1: trained" in (tmp_path / "client.log").read_text()
     assert not leftovers
+
+
+def test_client_supervisor_loads_neither_torch_nor_opacus(tmp_path: Path) -> None:
+    # `fedtune-client start` stays alive beside its SuperNode for the whole session; only the ClientApp
+    # processes it spawns train. With torch loaded it cost ~4 CPU-seconds to start and ~0.4 GiB for nothing.
+    data = write_data(tmp_path / "data.csv", 12, 0)
+    probe = (
+        "import sys\nfrom client.cli import main\n"
+        f"rc = main(['start', '--coordinator', '127.0.0.1:1', '--ca', {str(tmp_path / 'ca.pem')!r}, "
+        f"'--key', {str(tmp_path / 'node.key')!r}, '--data', {str(data)!r}, '--home', {str(tmp_path / 'home')!r}])\n"
+        "print(rc, sorted(m for m in ('torch', 'opacus', 'transformers') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "ca.pem does not exist" in proc.stderr  # it got past loading the data, to the missing certificate
+    assert proc.stdout.split() == ["2", "[]"], proc.stdout + proc.stderr
