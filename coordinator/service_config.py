@@ -53,6 +53,7 @@ class ServiceConfig:
     head_learning_rate: float = 2.0
     batch_size: int = 128
     local_epochs: int = 1
+    lr_schedule: str = "constant"  # or "cosine": both learning rates decay over the rounds
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +68,10 @@ class ServiceConfig:
                 f"wait_for_clients must be 0 (= min_clients) or >= min_clients ({self.min_clients}), got {self.wait_for_clients}",
             ),
             (self.num_rounds >= 1, f"num_rounds must be >= 1, got {self.num_rounds}"),
+            (
+                self.lr_schedule in ("constant", "cosine"),  # as the clients' TrainSpec checks, but before any joins
+                f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}",
+            ),
             (self.round_timeout > 0, f"round_timeout must be > 0 seconds, got {self.round_timeout}"),
             (self.round_retries >= 0, f"round_retries must be >= 0, got {self.round_retries}"),
         ]
@@ -125,6 +130,7 @@ class ServiceConfig:
             "head-learning-rate": self.head_learning_rate,
             "batch-size": self.batch_size,
             "local-epochs": self.local_epochs,
+            "lr-schedule": self.lr_schedule,
             "seed": self.seed,
             "metadata": json.dumps({"service": {"port": self.port, "insecure": self.insecure}}),
         }

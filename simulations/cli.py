@@ -70,6 +70,7 @@ FLAGS: list[tuple[str, str, Any, str]] = [
         "(default 32; 0: one pass per batch). The same step, less padding; lower it to save memory",
     ),
     ("--local-epochs", "local_epochs", int, "local epochs per round (default 1)"),
+    ("--lr-schedule", "lr_schedule", str, "learning rates over the rounds: constant | cosine (default constant)"),
     (
         "--eval-fraction",
         "eval_fraction",

@@ -71,6 +71,7 @@ class SimulationConfig:
     batch_size: int = 128
     physical_batch_size: int = 32  # rows per length-sorted forward/backward pass (0: one pass per batch)
     local_epochs: int = 1
+    lr_schedule: str = "constant"  # or "cosine": both learning rates decay over the rounds
     eval_fraction: float = 0.2  # share of each client's data kept for its local evaluation
     # run
     seed: int = 0

@@ -41,6 +41,7 @@ SIMULATE: list[tuple[str, Setup, str]] = [
     ("flag client budget format", flags("--client-budget", "3:1.0"), "ID=EPSILON"),
     ("flag accountant", flags("--accountant", "moments"), "accountant"),
     ("flag optimizer", flags("--optimizer", "lbfgs"), "optimizer"),
+    ("flag lr schedule", flags("--lr-schedule", "step"), "lr schedule must be one of constant, cosine"),
     ("flag negative learning rate", flags("--lr", "-1"), "learning rate"),
     ("flag pooler", flags("--pooler", "mean"), "pooler"),
     ("flag delta above 1", flags("--delta", "2"), "delta"),
@@ -97,12 +98,23 @@ def test_fedtune_coordinator_rejects(name, args, needle, coord: Path, tmp_path: 
     assert needle in err.replace("\n", " ") and "Traceback" not in err
 
 
+def _replace(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
 @pytest.mark.parametrize(
     "name,edit,needle",
     [
         ("config not TOML", lambda c: (c / "coordinator.toml").write_text("labels = [\n"), "not valid TOML"),
         ("config unknown setting", lambda c: (c / "coordinator.toml").open("a").write("roundz = 3\n"), "roundz"),
         ("config without labels", lambda c: (c / "coordinator.toml").write_text("num_rounds = 2\n"), "labels is required"),
+        (
+            "config lr schedule",
+            lambda c: _replace(c / "coordinator.toml", 'lr_schedule = "constant"', 'lr_schedule = "step"'),
+            "lr_schedule must be constant or cosine",
+        ),
         ("server certificate corrupt", lambda c: (c / "tls" / "server.pem").write_text("garbage"), "not a PEM certificate"),
     ],
 )

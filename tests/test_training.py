@@ -151,3 +151,40 @@ def test_predictions_come_back_in_the_order_of_the_rows(tiny_model_dir: Path) ->
     with torch.no_grad():  # one row at a time, in order: no padding, no reordering
         expected = [int(forward(model, b, torch.device("cpu")).logits.argmax(-1)) for b in make_loader(data, tokenizer, 1, False)]
     assert p.tolist() == expected
+
+
+def test_the_cosine_schedule_scales_both_learning_rates_by_the_round(tiny_model_dir: Path, monkeypatch) -> None:
+    """Round 2 of 3 under "cosine" trains exactly as a constant schedule with both rates at 0.75x."""
+    import datasets
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import handle_train
+    from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
+    from client.model import build_model, trainable_state
+    from client.train import round_lr_scale
+
+    assert [round_lr_scale("cosine", r, 3) for r in (1, 2, 3)] == pytest.approx([1.0, 0.75, 0.25])
+    assert round_lr_scale("constant", 3, 3) == 1.0
+    rows = sentiment_rows(20)
+    names = list(TINY_LABELS)
+    data = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [names.index(y) for _, y in rows]})
+    model = ModelSpec(name=str(tiny_model_dir), max_length=32)
+    arrays = ArrayRecord(trainable_state(build_model(model, TINY_LABELS)))
+    for attr in ("_run_id", "_node_id", "_task_id"):  # Messages can only be made inside a run
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+    def trained(**train: object) -> dict[str, np.ndarray]:
+        cfg = ClientConfig(labels=TINY_LABELS, model=model, privacy=PrivacySpec(enabled=False),
+                           train=TrainSpec(batch_size=4, device="cpu", **train))  # fmt: skip
+        context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2, "num-rounds": 3})})
+        reply = handle_train(Message(content, dst_node_id=7, message_type="train"), context, cfg, lambda _: data, {})
+        return {k: v.numpy() for k, v in reply.content["arrays"].items()}
+
+    scheduled, constant = trained(lr_schedule="cosine"), trained()
+    scaled = trained(learning_rate=0.05 * 0.75, head_learning_rate=2.0 * 0.75)
+    for name, value in scaled.items():
+        np.testing.assert_allclose(scheduled[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert any(not np.allclose(scheduled[k], constant[k]) for k in constant)
