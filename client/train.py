@@ -224,10 +224,10 @@ def train_round(
     with warnings.catch_warnings():
         # Expected with frozen embeddings (LoRA): PyTorch notes that no hooked input requires grad.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        dp = plan is not None
         for _ in range(cfg.train.local_epochs):
             for batch in loader:
                 passes = length_grouped(batch, rows_per_pass)
-                dp = plan is not None
                 loss_sum, rows = _step(runner, optimizer, passes, dp, device, criterion, params, cfg.privacy.max_grad_norm)
                 total_loss, seen, steps = total_loss + loss_sum, seen + rows, steps + 1
                 if proximal_mu > 0:

@@ -379,7 +379,7 @@ def run_service(
         out_dir = resume.resolve() if resume is not None else new_run_dir(cfg)
         echo(
             f"SuperLink PID {superlink.pid} on {cfg.listen}:{cfg.port}; {len(registered(cfg))} registered node(s); "
-            f"waiting for {cfg.wait_for_clients or cfg.min_clients} to connect; "
+            f"waiting for {cfg.clients_before_round_1} to connect; "
             + (f"resuming after round {after}; " if after is not None else "")
             + f"results -> {out_dir}"
         )

@@ -79,6 +79,10 @@ class ServiceConfig:
             if not ok:
                 raise CoordinatorConfigError(message)
 
+    @property
+    def clients_before_round_1(self) -> int:
+        return self.wait_for_clients or self.min_clients
+
     # Where `init` puts things.
     @property
     def tls_dir(self) -> Path:
@@ -110,7 +114,7 @@ class ServiceConfig:
             "num-rounds": self.num_rounds,
             "strategy": self.strategy,
             "min-clients": self.min_clients,
-            "wait-for-clients": self.wait_for_clients or self.min_clients,
+            "wait-for-clients": self.clients_before_round_1,
             "fraction-train": self.fraction_train,
             "fraction-evaluate": self.fraction_evaluate,
             "proximal-mu": self.proximal_mu,
