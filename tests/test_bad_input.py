@@ -43,7 +43,7 @@ SIMULATE: list[tuple[str, Setup, str]] = [
     ("flag optimizer", flags("--optimizer", "lbfgs"), "optimizer"),
     ("flag lr schedule", flags("--lr-schedule", "step"), "lr schedule must be one of constant, cosine"),
     ("flag negative learning rate", flags("--lr", "-1"), "learning rate"),
-    ("flag pooler", flags("--pooler", "mean"), "pooler"),
+    ("flag pooler", flags("--pooler", "max"), "pooler"),
     ("flag delta above 1", flags("--delta", "2"), "delta"),
     ("flag model directory missing", flags("--model", "/nonexistent/model-dir"), "cannot load model"),
     ("flag dirichlet alpha", flags("--alpha", "0"), "alpha"),

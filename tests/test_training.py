@@ -10,14 +10,20 @@ from tests.conftest import TINY_LABELS, sentiment_rows
 
 
 @pytest.mark.parametrize(
-    "lora,batch_size",
-    [(True, 8), (False, 8), (False, 1)],
+    "lora,batch_size,pooler",
+    [(True, 8, "auto"), (False, 8, "auto"), (False, 1, "auto"), (True, 8, "mean"), (False, 8, "mean")],
     # batch 1 of 40 rows: Poisson sampling draws many empty batches, each a noise-only step (ghost clipping
     # has no path for them in Opacus; fedtune's does).
-    ids=["lora-hooks", "full-finetune-ghost", "full-finetune-ghost-empty-batches"],
+    ids=[
+        "lora-hooks",
+        "full-finetune-ghost",
+        "full-finetune-ghost-empty-batches",
+        "lora-hooks-mean-pooling",
+        "full-finetune-ghost-mean-pooling",
+    ],
 )
 def test_a_round_of_dp_sgd_changes_every_trainable_weight_and_spends_the_plan(
-    lora: bool, batch_size: int, tiny_model_dir: Path
+    lora: bool, batch_size: int, pooler: str, tiny_model_dir: Path
 ) -> None:
     import datasets
     import torch
@@ -29,7 +35,7 @@ def test_a_round_of_dp_sgd_changes_every_trainable_weight_and_spends_the_plan(
 
     cfg = ClientConfig(
         labels=TINY_LABELS,
-        model=ModelSpec(name=str(tiny_model_dir), lora=lora, max_length=32),
+        model=ModelSpec(name=str(tiny_model_dir), lora=lora, max_length=32, pooler=pooler),
         train=TrainSpec(batch_size=batch_size, device="cpu"),
     )
     rows = sentiment_rows(40)
@@ -86,8 +92,10 @@ def test_a_data_holder_with_no_local_evaluation_split_trains_and_evaluates(
     assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 0
 
 
-@pytest.mark.parametrize("dp", [True, False], ids=["dp-sgd", "no-dp"])
-def test_length_grouped_passes_give_the_same_step_as_one_padded_pass(dp: bool, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "dp,pooler", [(True, "auto"), (False, "auto"), (True, "mean")], ids=["dp-sgd", "no-dp", "dp-sgd-mean-pooling"]
+)
+def test_length_grouped_passes_give_the_same_step_as_one_padded_pass(dp: bool, pooler: str, tiny_model_dir: Path) -> None:
     """Splitting each sampled batch into length-sorted passes (less padding) must not change the update:
     under DP, Opacus clips each row and adds noise once per batch either way."""
     import datasets
@@ -106,7 +114,7 @@ def test_length_grouped_passes_give_the_same_step_as_one_padded_pass(dp: bool, t
     def trained(rows_per_pass: int) -> dict[str, torch.Tensor]:
         cfg = ClientConfig(
             labels=TINY_LABELS,
-            model=ModelSpec(name=str(tiny_model_dir), max_length=64),
+            model=ModelSpec(name=str(tiny_model_dir), max_length=64, pooler=pooler),
             privacy=PrivacySpec(enabled=dp),
             train=TrainSpec(batch_size=16, physical_batch_size=rows_per_pass, device="cpu"),
         )
