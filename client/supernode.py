@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -69,6 +70,34 @@ def node_config_arg(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 
+RUNTIME_SECRET = (
+    "runtime.secret"  # shared by the SuperNode and client.runtime; without it a local user could take tasks
+)
+
+
+def runtime_command(settings: NodeSettings) -> list[str]:
+    """The long-lived process that runs this node's ClientApp (client/runtime.py)."""
+    return [
+        sys.executable,
+        "-m",
+        "client.runtime",
+        "--runtime-api-address",
+        f"127.0.0.1:{settings.runtime_port}",
+        "--secret-file",
+        str(settings.home / RUNTIME_SECRET),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+
+
+def write_secret(path: Path) -> None:
+    """A fresh random secret, readable by this user only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    os.chmod(path, 0o600)
+
+
 def check_files(settings: NodeSettings) -> str:
     """Validate the CA and key before connecting; returns the key's fingerprint."""
     if settings.ca is not None:
@@ -89,6 +118,11 @@ def supernode_command(settings: NodeSettings) -> list[str]:
         node_config_arg(settings.node_config),
         "--port",
         str(settings.runtime_port),
+        # No Flower executor here: client.runtime serves the Runtime API with fedtune's installed ClientApp.
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(settings.home / RUNTIME_SECRET),
     ]
     if settings.max_retries is not None:
         cmd += ["--max-retries", str(settings.max_retries)]
@@ -110,43 +144,53 @@ def explain(log_text: str, settings: NodeSettings, fingerprint: str) -> str | No
 
 
 def run_supernode(settings: NodeSettings, fingerprint: str, echo: Callable[[str], None]) -> int:
-    """Run the SuperNode until it exits (or we are stopped); its full log goes to HOME/supernode.log."""
+    """Run the SuperNode and this node's ClientApp runtime until the SuperNode exits (or we are stopped).
+
+    Their full logs go to HOME/supernode.log and HOME/runtime.log."""
     settings.home.mkdir(parents=True, exist_ok=True)
+    write_secret(settings.home / RUNTIME_SECRET)
     env = os.environ | {
         "FLWR_HOME": str(settings.home / "flwr"),  # this node's own Flower state, apart from any other install
         "FLWR_TELEMETRY_ENABLED": "0",
-        # The SuperNode starts flower-superexec and flwr-clientapp by name: use this environment's.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    log_path = settings.home / "supernode.log"
-    proc = subprocess.Popen(
-        supernode_command(settings),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group: stopping us stops its SuperExec and ClientApps too
-    )
+    # Each in its own process group: stopping one group stops everything it started.
+    popen = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(supernode_command(settings), **popen)
+    runtime = subprocess.Popen(runtime_command(settings), **popen)
 
     def stop(signum: int, _frame: Any) -> None:
+        _stop_group(runtime)
         _stop_group(proc)
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     lines: list[str] = []
-    reader = threading.Thread(target=_follow, args=(proc, log_path, lines, echo), daemon=True)
-    reader.start()
+    readers = [
+        threading.Thread(target=_follow, args=(p, settings.home / name, buf, echo), daemon=True)
+        for p, name, buf in ((proc, "supernode.log", lines), (runtime, "runtime.log", []))
+    ]
+    for reader in readers:
+        reader.start()
     try:
-        rc = proc.wait()
+        while (rc := proc.poll()) is None:
+            if runtime.poll() is not None:
+                raise ClientStartError(
+                    f"the ClientApp runtime exited with status {runtime.returncode}; see {settings.home / 'runtime.log'}"
+                )
+            time.sleep(0.5)
     finally:
-        # The SuperNode's SuperExec child outlives it (retrying) and holds the pipe: stop the whole group.
+        _stop_group(runtime)
         _stop_group(proc)
-        reader.join(timeout=10)
+        for reader in readers:
+            reader.join(timeout=10)
         for s, handler in previous.items():
             signal.signal(s, handler)
     if rc != 0:
         reason = explain("".join(lines), settings, fingerprint)
-        raise ClientStartError(reason or f"the Flower SuperNode exited with status {rc}; see {log_path}")
+        raise ClientStartError(
+            reason or f"the Flower SuperNode exited with status {rc}; see {settings.home / 'supernode.log'}"
+        )
     return rc
 
 
@@ -163,7 +207,7 @@ def _follow(proc: subprocess.Popen, log_path: Path, lines: list[str], echo: Call
 
 
 def _interesting(line: str) -> list[str]:
-    # The ClientApp prints "fedtune-client: round R: ..." lines (see client/deploy.py); pass those through.
+    # The runtime prints "fedtune-client: ..." lines (client/runtime.py, client/deploy.py); pass those through.
     text = line.strip()
     return [text] if text.startswith("fedtune-client:") else []
 

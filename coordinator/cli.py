@@ -62,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console(stderr=True)
+    from coordinator.registry import RegistryError
     from coordinator.service import ServiceError
 
     # SIGTERM (a service manager, a test) must unwind like Ctrl-C so the SuperLink is stopped with us.
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(args, console)
-    except (CoordinatorConfigError, CertificateError, ServiceError, OSError) as err:
+    except (CoordinatorConfigError, CertificateError, ServiceError, RegistryError, OSError) as err:
         # soft_wrap: the error stays one greppable line; escape: messages may hold [brackets]
         console.print(f"[bold red]fedtune-coordinator: error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2

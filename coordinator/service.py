@@ -7,16 +7,28 @@ import datetime
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from client.trusted_app import app_pyproject
+from coordinator.registry import (
+    UNREGISTERED,
+    ControlHttpClient,
+    RegistryError,
+    admit,
+    control_client,
+    expel,
+    reconcile,
+    superlink_nodes,
+)
 from coordinator.service_config import ServiceConfig
 from privacy.certs import (
     CertificateError,
@@ -63,13 +75,20 @@ def init_home(cfg: ServiceConfig, force: bool = False) -> list[Path]:
 
 
 def register_key(cfg: ServiceConfig, public_key: Path) -> str:
-    """Allow a node: keep its public key under nodes/ (and tell a running SuperLink at once)."""
+    """Allow a node: keep its public key under nodes/, and have a running SuperLink admit it at once."""
     fingerprint = key_fingerprint(load_node_public_key(public_key))
     target = cfg.nodes_dir / f"{fingerprint.replace(':', '-')}.pub"
+    existed = target.exists()
     cfg.nodes_dir.mkdir(parents=True, exist_ok=True)
     target.write_bytes(public_key.read_bytes())
     if superlink_running(cfg):
-        _register_live(cfg, target)
+        try:
+            with _control(cfg) as client:
+                admit(client, target)
+        except RegistryError:
+            if not existed:
+                target.unlink()  # not registered anywhere, so not in fedtune's registry either
+            raise
     return fingerprint
 
 
@@ -77,48 +96,34 @@ def revoke_key(cfg: ServiceConfig, fingerprint: str) -> None:
     """Stop allowing a node; a running SuperLink drops it at once. Flower never re-admits a revoked key."""
     target = cfg.nodes_dir / f"{fingerprint.replace(':', '-')}.pub"
     if not target.exists():
-        known = ", ".join(p.stem.replace("-", ":", 1) for p in sorted(cfg.nodes_dir.glob("*.pub"))) or "none"
+        known = ", ".join(registered(cfg)) or "none"
         raise ServiceError(f"no registered node has fingerprint {fingerprint} (registered: {known})")
-    node_ids = _node_ids(cfg)
-    if superlink_running(cfg) and fingerprint in node_ids:
-        _flwr(cfg, ["supernode", "unregister", str(node_ids[fingerprint]), CONNECTION])
-    node_ids.pop(fingerprint, None)
-    _save_node_ids(cfg, node_ids)
+    if superlink_running(cfg):
+        with _control(cfg) as client:
+            node = superlink_nodes(client).get(fingerprint)
+            if node is not None and node.status != UNREGISTERED:
+                expel(client, node.node_id)
     target.unlink()
 
 
 def registered(cfg: ServiceConfig) -> list[str]:
+    """fedtune's registry: the fingerprints of the keys in nodes/ (a running SuperLink admits exactly these)."""
     return [p.stem.replace("-", ":", 1) for p in sorted(cfg.nodes_dir.glob("*.pub"))]
 
 
-def _node_ids(cfg: ServiceConfig) -> dict[str, int]:
-    path = cfg.state_dir / "node-ids.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _save_node_ids(cfg: ServiceConfig, ids: dict[str, int]) -> None:
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.state_dir / "node-ids.json.tmp"
-    tmp.write_text(json.dumps(ids, indent=1))
-    os.replace(tmp, cfg.state_dir / "node-ids.json")
+@contextlib.contextmanager
+def _control(cfg: ServiceConfig) -> Iterator[ControlHttpClient]:
+    client = control_client(cfg.home / "flwr", CONNECTION)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def _flwr(cfg: ServiceConfig, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [_bin("flwr"), *args], env=flower_env(cfg), capture_output=True, text=True, timeout=timeout, cwd=cfg.home
     )
-
-
-def _register_live(cfg: ServiceConfig, pub: Path) -> None:
-    fingerprint = key_fingerprint(load_node_public_key(pub))
-    done = _flwr(cfg, ["supernode", "register", str(pub), CONNECTION, "--format", "json"])
-    if "already in use" in done.stdout + done.stderr:
-        return  # registered before; the SuperLink's database remembers it
-    try:
-        node_id = int(json.loads(done.stdout)["node-id"])
-    except (ValueError, KeyError, TypeError):
-        raise ServiceError(f"registering {pub} with the SuperLink failed: {(done.stdout + done.stderr).strip()[-500:]}") from None
-    _save_node_ids(cfg, _node_ids(cfg) | {fingerprint: node_id})
 
 
 def check_tls(cfg: ServiceConfig) -> None:
@@ -129,10 +134,9 @@ def check_tls(cfg: ServiceConfig) -> None:
             raise CertificateError(f"{cfg.tls_dir / name} does not exist; run `fedtune-coordinator init`")
 
 
-def write_connection(cfg: ServiceConfig) -> None:
-    """The flwr CLI's connection to this service's SuperLink, in this service's own FLWR_HOME."""
-    host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::", "") else cfg.listen
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{host}:{cfg.port}"']
+def write_connection(cfg: ServiceConfig, port: int) -> None:
+    """The flwr CLI's connection to this service's SuperLink (on loopback), in this service's own FLWR_HOME."""
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "127.0.0.1:{port}"']
     lines.append("insecure = true" if cfg.insecure else f'root-certificates = "{(cfg.tls_dir / "ca.pem").resolve()}"')
     home = cfg.home / "flwr"
     home.mkdir(parents=True, exist_ok=True)
@@ -197,39 +201,88 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_secret(path: Path) -> None:
+    """A fresh random secret, readable by this user only (the SuperExec proves itself to the SuperLink with it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+
+
+def _wait_for_port(group: subprocess.Popen, proc: subprocess.Popen, host: str, port: int, cfg: ServiceConfig, what: str) -> None:
+    """Wait until `proc` (a member of `group`) accepts connections on host:port; stop the whole group if it never does."""
+    deadline = time.monotonic() + 60
+    while not _port_open(host, port):
+        if proc.poll() is not None or group.poll() is not None or time.monotonic() > deadline:
+            stop_process(group)
+            tail = (cfg.state_dir / "superlink.log").read_text()[-1500:]
+            raise ServiceError(f"{what} did not start; its log ends:\n{tail}")
+        time.sleep(0.3)
+
+
 def start_superlink(cfg: ServiceConfig, echo: Callable[[str], None] = print) -> subprocess.Popen:
-    """Start the SuperLink (its own process group) and wait until its port accepts connections."""
+    """Start the SuperLink on loopback, its SuperExec and the public Fleet gateway (one process group);
+    return once the public port accepts connections. See docs/security.md for why it is laid out this way."""
     _stop_orphan(cfg, echo)
-    if _port_open("127.0.0.1" if cfg.listen in ("0.0.0.0", "::") else cfg.listen, cfg.port):
+    public_host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::") else cfg.listen
+    if _port_open(public_host, cfg.port):
         raise ServiceError(f"port {cfg.port} is already in use on this host; set `port` in coordinator.toml")
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    internal = _free_loopback_port()
+    write_connection(cfg, internal)
+    secret = cfg.state_dir / "superexec.secret"
+    _write_secret(secret)
+    tls = cfg.tls_dir.resolve()
     cmd = [
         _bin("flower-superlink"),
         "--database",
         str(cfg.state_dir / "superlink.db"),  # registered nodes and runs survive a restart
         "--disable-runtime-dependency-installation",  # the app's code is fedtune, installed here
         "--host",
-        cfg.listen,
+        "127.0.0.1",  # Control and Runtime: this host only; the network reaches the Fleet gateway
         "--port",
-        str(cfg.port),
+        str(internal),
+        "--isolation",
+        "process",  # the SuperExec below, which must prove the secret to take ServerApp tasks
+        "--superexec-auth-secret-file",
+        str(secret),
     ]
     if cfg.insecure:
         cmd.append("--insecure")
     else:
-        tls = cfg.tls_dir.resolve()
         cmd += ["--ssl-ca-certfile", str(tls / "ca.pem"), "--ssl-certfile", str(tls / "server.pem")]
         cmd += ["--ssl-keyfile", str(tls / "server.key"), "--enable-supernode-auth"]
     log = (cfg.state_dir / "superlink.log").open("a")
-    proc = subprocess.Popen(cmd, env=flower_env(cfg), stdout=log, stderr=subprocess.STDOUT, cwd=cfg.home, start_new_session=True)
+    popen = dict(env=flower_env(cfg), stdout=log, stderr=subprocess.STDOUT, cwd=cfg.home)
+    # A group of its own (so a terminal's Ctrl-C reaches only us); the SuperExec and the gateway join it, so
+    # stopping the group stops all three and the ServerApps the SuperExec started.
+    proc = subprocess.Popen(cmd, **popen, process_group=0)
     _pid_file(cfg).write_text(json.dumps({"superlink": proc.pid, "owner": os.getpid()}))
-    host = "127.0.0.1" if cfg.listen in ("0.0.0.0", "::") else cfg.listen
-    deadline = time.monotonic() + 60
-    while not _port_open(host, cfg.port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc)
-            tail = (cfg.state_dir / "superlink.log").read_text()[-1500:]
-            raise ServiceError(f"the Flower SuperLink did not start; its log ends:\n{tail}")
-        time.sleep(0.3)
+    try:
+        _wait_for_port(proc, proc, "127.0.0.1", internal, cfg, "the Flower SuperLink")
+        tls_args = ["--insecure"] if cfg.insecure else ["--root-certificates", str(tls / "ca.pem")]
+        superexec = [_bin("flower-superexec"), "--runtime-api-address", f"127.0.0.1:{internal}", *tls_args]
+        superexec += ["--superexec-auth-secret-file", str(secret)]
+        superexec_proc = subprocess.Popen(superexec, **popen, process_group=proc.pid)
+        gateway = [sys.executable, "-m", "coordinator.fleet_gateway", "--host", cfg.listen, "--port", str(cfg.port)]
+        if cfg.insecure:
+            gateway += ["--insecure", "--upstream", f"http://127.0.0.1:{internal}"]
+        else:
+            gateway += ["--upstream", f"https://127.0.0.1:{internal}", "--ca", str(tls / "ca.pem")]
+            gateway += ["--certfile", str(tls / "server.pem"), "--keyfile", str(tls / "server.key")]
+        gateway_proc = subprocess.Popen(gateway, **popen, process_group=proc.pid)
+        _wait_for_port(proc, gateway_proc, public_host, cfg.port, cfg, "the Fleet gateway")
+        if superexec_proc.poll() is not None:  # a refused SuperExec exits 0 and says so only in the SuperLink's log
+            raise ServiceError(f"the SuperExec exited at start; see {cfg.state_dir / 'superlink.log'}")
+    except BaseException:
+        stop_process(proc)
+        _pid_file(cfg).unlink(missing_ok=True)
+        raise
     return proc
 
 
@@ -256,28 +309,10 @@ def _group_alive(pgid: int, wait: float) -> bool:
 
 
 def write_app(cfg: ServiceConfig, out_dir: Path, resume: bool = False) -> Path:
-    """The Flower app folder: only a pyproject naming fedtune's installed ServerApp/ClientApp and the run config."""
+    """The Flower app folder: only the pyproject that fedtune's clients accept (client/trusted_app.py) and the run config."""
     app = cfg.home / "app"
     app.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "[project]",
-        'name = "fedtune"',
-        'version = "1.0.0"',
-        'description = "fedtune: federated, differentially private fine-tuning"',
-        'license = "Apache-2.0"',
-        "dependencies = []",
-        "",
-        "[tool.flwr.app]",
-        'publisher = "fedtune"',
-        "",
-        "[tool.flwr.app.components]",
-        'serverapp = "coordinator.deploy:app"',
-        'clientapp = "client.deploy:app"',
-        "",
-        "[tool.flwr.app.config]",
-    ]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in cfg.run_config(out_dir, resume).items()]
-    (app / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    (app / "pyproject.toml").write_text(app_pyproject(cfg.run_config(out_dir, resume)))
     return app
 
 
@@ -369,13 +404,12 @@ def run_service(
     if not cfg.insecure:
         check_tls(cfg)
     after = check_resumable(resume) if resume is not None else None
-    write_connection(cfg)
     superlink = start_superlink(cfg, echo)
     try:
         stop_stale_runs(cfg, echo)
-        if not cfg.insecure:
-            for pub in sorted(cfg.nodes_dir.glob("*.pub")):
-                _register_live(cfg, pub)
+        if not cfg.insecure:  # without TLS there is no node authentication, so no registry to enforce
+            with _control(cfg) as client:
+                reconcile(client, sorted(cfg.nodes_dir.glob("*.pub")), echo)
         out_dir = resume.resolve() if resume is not None else new_run_dir(cfg)
         echo(
             f"SuperLink PID {superlink.pid} on {cfg.listen}:{cfg.port}; {len(registered(cfg))} registered node(s); "

@@ -1,0 +1,157 @@
+"""The data holder's ClientApp runtime: one long-lived process that runs fedtune's installed ClientApp, never a FAB's code.
+
+The SuperNode runs with `--isolation process`: it serves its Runtime API on 127.0.0.1 and waits for an executor.
+This process is that executor. Flower's own executor (SuperExec) would start a `flwr-clientapp` per message that
+installs the run's app package and imports whatever ClientApp it names; here the package is only inspected
+(client/trusted_app.py) and the ClientApp is the one this host installed. Torch, the model, the tokenizer and the
+tokenised data stay loaded across rounds and runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from client.trusted_app import refusal
+
+log = logging.getLogger("fedtune.client")
+
+# Flower's SuperExec polls every 1 s; a round waits for this poll once per message, so poll faster (an idle
+# poll is one loopback request: ~1 ms of CPU).
+POLL_SECONDS = 0.1
+HEARTBEAT_SECONDS = 5.0
+
+
+def _client(address: str, interceptors: list) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None, interceptors=interceptors
+    )
+
+
+class ClientRuntime:
+    """Serves one SuperNode's ClientApp tasks with `app`, after checking that each run is fedtune's own app."""
+
+    def __init__(self, address: str, secret: bytes, app: ClientApp, echo: Callable[[str], None]) -> None:
+        self.address = address
+        self.app = app
+        self.echo = echo
+        self.acquirer = _client(
+            address,
+            [
+                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                SuperExecAuthHttpInterceptor(
+                    master_secret=secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}
+                ),
+            ],
+        )
+
+    def serve_forever(self) -> None:
+        while True:
+            try:
+                res = self.acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
+            except httpx.TransportError:  # the SuperNode is (re)starting
+                time.sleep(1.0)
+                continue
+            if res.HasField("task") and res.token:
+                self.run_task(res.token)
+            else:
+                time.sleep(POLL_SECONDS)
+
+    def run_task(self, token: str) -> None:
+        """Pull one message with its context and app package, run it (or refuse it), push the reply."""
+        client = _client(
+            self.address,
+            [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
+        )
+        stop_heartbeat = threading.Event()
+        threading.Thread(target=_heartbeat, args=(client, stop_heartbeat), daemon=True).start()
+        context: Context | None = None
+        status, details = SubStatus.FAILED, "ClientApp task failed"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            reason = refusal(fab.content, dict(context.run_config))
+            if reason is not None:
+                self.echo(
+                    f"fedtune-client: refused run {run.run_id}: {reason}; nothing was read and no privacy was spent"
+                )
+                reply = Message(
+                    Error(code=ErrorCode.INVALID_FAB, reason=f"refused by the data holder: {reason}"), reply_to=message
+                )
+                details = reason
+            else:
+                try:
+                    reply = self.app(message=message, context=context)
+                    status, details = SubStatus.COMPLETED, ""
+                except Exception as err:  # a failed round is this round's fault, not the end of the runtime
+                    log.exception("the ClientApp raised")
+                    reason = f"{type(err).__name__}: {err}"
+                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+                    details = reason
+            push_message(client, reply, context)
+        except Exception as err:  # the SuperNode went away or the task expired: serve the next one
+            log.warning("task failed: %s: %s", type(err).__name__, err)
+        finally:
+            stop_heartbeat.set()
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+            client.close()
+
+
+def _heartbeat(client: RuntimeHttpClient, stop: threading.Event) -> None:
+    # Flower's HeartbeatSender raises SIGINT in the process when a task expires; this process outlives tasks.
+    while not stop.wait(HEARTBEAT_SECONDS):
+        try:
+            if not client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
+                return
+        except httpx.HTTPError:
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m client.runtime", description=__doc__.splitlines()[0])
+    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (127.0.0.1:PORT)")
+    p.add_argument("--secret-file", type=Path, required=True, help="the SuperExec secret shared with the SuperNode")
+    p.add_argument("--parent-pid", type=int, help="exit when this process (fedtune-client start) exits")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)
+    import datasets
+
+    from client.deploy import app  # fedtune's own ClientApp, from this installation
+
+    datasets.disable_progress_bars()  # reading the node's own file is quick; a bar per split is noise in its log
+
+    runtime = ClientRuntime(
+        args.runtime_api_address, args.secret_file.read_bytes(), app, lambda s: print(s, flush=True)
+    )
+    print("fedtune-client: runtime ready (fedtune's installed ClientApp only)", flush=True)
+    try:
+        runtime.serve_forever()
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
