@@ -53,7 +53,7 @@ class Exchange:
 def exchange(grid: Grid, messages: Iterable[Message], deadline: float) -> Exchange:
     """Send `messages` and collect replies until all came back or `deadline` seconds passed."""
     sent = list(messages)
-    replies = list(grid.send_and_receive(sent, timeout=deadline))
+    replies = _send_and_receive(grid, sent, deadline)
     # Message ids are set when pushed; an error made by the SuperLink itself (node gone) names only the message.
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
     out = Exchange(replies, len(sent))
@@ -65,6 +65,26 @@ def exchange(grid: Grid, messages: Iterable[Message], deadline: float) -> Exchan
             out.failures[node] = f"{reply.error.reason}".strip().splitlines()[-1][:300] or f"error code {reply.error.code}"
     out.stragglers = sorted(set(node_of.values()) - answered)
     return out
+
+
+# Flower's deployed Grid.send_and_receive polls every 3 s: up to 3 s idle per phase, twice a round. A pull of
+# nothing is one loopback request, so poll every 0.2 s.
+REPLY_POLL_SECONDS = 0.2
+
+
+def _send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Grid.send_and_receive with a short poll: push, then pull until every reply came or `timeout` passed."""
+    waiting = set(grid.push_messages(messages))
+    end = time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies += got
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        if not waiting or time.monotonic() >= end:
+            break
+        time.sleep(REPLY_POLL_SECONDS)
+    return replies
 
 
 @dataclass(frozen=True)

@@ -300,12 +300,19 @@ def stop_process(proc: subprocess.Popen, grace: float = 15) -> None:
 def _group_alive(pgid: int, wait: float) -> bool:
     end = time.monotonic() + wait
     while time.monotonic() < end:
+        _reap(pgid)  # the SuperExec and the gateway are our children: once dead, they linger as zombies until reaped
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return False
         time.sleep(0.2)
     return True
+
+
+def _reap(pgid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-pgid, os.WNOHANG)[0]:
+            pass
 
 
 def write_app(cfg: ServiceConfig, out_dir: Path, resume: bool = False) -> Path:

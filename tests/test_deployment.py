@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests import attacker
 from tests.conftest import TINY_LABELS, sentiment_rows
 
 BIN = Path(sys.executable).parent
@@ -132,7 +134,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         reg = cli("fedtune-coordinator", "register", str(base / f"node{i}" / "node.pub"), "--config", str(toml))
         assert reg.returncode == 0, reg.stderr
 
-    coordinator = start(["fedtune-coordinator", "start", "--config", str(toml)], base / "coordinator.log")
+    # --keep-running: after the run, the operator's own foreign app goes to the same, still connected clients.
+    coordinator = start(["fedtune-coordinator", "start", "--config", str(toml), "--keep-running"], base / "coordinator.log")
     started: list[subprocess.Popen] = [coordinator]
     ca = base / "coord" / "tls" / "ca.pem"
 
@@ -174,18 +177,65 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         plain_http = _plain_http(port)
         clients = [start(client(i, ca, f"client{i}.log"), base / f"client{i}.log") for i in range(3)]
         started += clients
-        coordinator.wait(timeout=600)
+        # While the operator's run is under way, an outsider holding only ca.pem tries everything it could before.
+        run_id = wait_for_line(coordinator, base / "coordinator.log", r"started run (\d+)").group(1)
+        operator = base / "coord" / "flwr"
+        admitted_before = _admitted(operator)
+        attempts = attacker.outsider_attempts(
+            attacker.outsider_home(base, f"127.0.0.1:{port}", ca),
+            attacker.foreign_app(base, "outsiderapp", base / "markers" / "outsider"),
+            base / "node3" / "node.pub",
+            run_id,
+            next(iter(admitted_before.values())).node_id,
+        )
+        raw = attacker.raw_requests(f"127.0.0.1:{port}", ca)
+        wait_for_line(coordinator, base / "coordinator.log", "keeps serving", timeout=600)
+        admitted_after = _admitted(operator)
+        # The operator, on the coordinator host, submits an app of its own: every client must refuse it.
+        ledgers = {i: (base / f"home{i}" / "ledger.json").read_bytes() for i in range(3)}
+        foreign = attacker.flwr(
+            operator,
+            "run",
+            str(attacker.foreign_app(base, "operatorapp", base / "markers" / "operator")),
+            "fedtune",
+            "--stream",
+            timeout=300,
+        )
         yield {
             "base": base,
             "cfg": cfg,
-            "coordinator_rc": coordinator.returncode,
             "refused": refused,
             "plain_http": plain_http,
+            "attempts": attempts,
+            "raw": raw,
+            "admitted": (admitted_before, admitted_after),
+            "foreign": foreign,
+            "ledgers": (ledgers, {i: (base / f"home{i}" / "ledger.json").read_bytes() for i in range(3)}),
             "logs": {p.name: p.read_text() for p in base.glob("*.log")},
         }
     finally:
         leftovers = stop_all(started)
         assert not leftovers, f"processes left running: {leftovers}"
+
+
+def _admitted(flwr_home: Path) -> dict:
+    """The nodes the SuperLink admits, asked through the operator's own (loopback) connection."""
+    from coordinator.registry import control_client, superlink_nodes
+
+    client = control_client(flwr_home, "fedtune")
+    try:
+        return {fp: node for fp, node in superlink_nodes(client).items() if node.status != "unregistered"}
+    finally:
+        client.close()
+
+
+def wait_for_line(proc: subprocess.Popen, log: Path, pattern: str, timeout: float = 300) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while not (found := re.search(pattern, log.read_text())):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {pattern!r} in {log}: " + log.read_text()[-3000:]
+        time.sleep(0.5)
+    return found
 
 
 def wait_until_ready(coordinator: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -212,7 +262,7 @@ def _plain_http(port: int) -> str:
 
 
 def test_two_rounds_complete_with_results_and_model(federation) -> None:
-    assert federation["coordinator_rc"] == 0, federation["logs"]["coordinator.log"][-3000:]
+    assert "run finished" in federation["logs"]["coordinator.log"], federation["logs"]["coordinator.log"][-3000:]
     (run_dir,) = (federation["base"] / "coord" / "runs").iterdir()
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
@@ -259,6 +309,48 @@ def test_wrong_ca_fails_the_tls_handshake_with_a_clear_message(federation) -> No
 
 def test_plain_http_gets_no_session(federation) -> None:
     assert federation["plain_http"].startswith("refused"), federation["plain_http"]
+
+
+# --- attacks: an outsider with ca.pem, during the operator's run; then the operator's own foreign app -------------
+
+
+@pytest.mark.parametrize("attempt", ["ls", "log", "stop", "run", "supernode register", "supernode unregister", "supernode list"])
+def test_outsider_with_the_ca_cannot_use_the_control_api(federation, attempt: str) -> None:
+    done = federation["attempts"][attempt]
+    assert attacker.refused_by_the_gateway(done), f"`flwr {attempt}` not refused:\n{done.stdout}\n{done.stderr}"
+
+
+def test_public_port_serves_nothing_but_the_fleet_api(federation) -> None:
+    served = {request: code for request, code in federation["raw"].items() if code != 404}
+    assert not served, served
+
+
+def test_operator_run_finished_as_if_nothing_happened(federation) -> None:
+    (run_dir,) = (federation["base"] / "coord" / "runs").iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2] and not results["faults"]
+
+
+def test_registered_nodes_unchanged_by_the_outsider(federation) -> None:
+    before, after = federation["admitted"]
+    registered = cli("fedtune-coordinator", "nodes", "--config", str(federation["base"] / "coord" / "coordinator.toml"))
+    assert set(before) == set(after) == set(registered.stdout.split()) and len(after) == 3
+    assert {n.node_id for n in before.values()} == {n.node_id for n in after.values()}
+
+
+def test_outsider_app_never_ran_anywhere(federation) -> None:
+    assert not list((federation["base"] / "markers" / "outsider").iterdir())
+
+
+def test_every_client_refuses_the_operators_foreign_app(federation) -> None:
+    markers = federation["base"] / "markers" / "operator"
+    assert not list(markers.glob("client-*")), "a foreign ClientApp ran next to a data holder's rows"
+    replies = (markers / "server-replies").read_text().splitlines()  # the operator's own ServerApp did run
+    assert len(replies) == 3 and all("refused by the data holder" in r and "carries files of its own" in r for r in replies)
+    before, after = federation["ledgers"]
+    assert before == after, "privacy was spent on a foreign app"
+    for i in range(3):
+        assert "refused run" in federation["logs"][f"client{i}.log"], federation["logs"][f"client{i}.log"][-2000:]
 
 
 NETNS = ("fedtune-test-coord", "fedtune-test-client")
