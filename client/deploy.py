@@ -86,8 +86,10 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = config_from_context(dict(context.run_config), dict(context.node_config))
+    server_round = int(msg.content["config"]["server-round"])
+    print(f"fedtune-client: round {server_round}: training", file=sys.stderr, flush=True)
     reply = handle_train(msg, context, cfg, node_data(cfg.labels), {})
-    _show(reply, int(msg.content["config"]["server-round"]))
+    _show(reply, server_round)
     return reply
 
 

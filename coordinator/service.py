@@ -346,16 +346,29 @@ def submit_and_follow(cfg: ServiceConfig, app: Path, echo: Callable[[str], None]
         stop_process(proc)
     if run_id is None:
         return None, "not-started"
-    # `flwr run` exits 0 even when the ServerApp failed: ask the SuperLink how the run ended.
+    # `flwr run` exits 0 even when the ServerApp failed, and its log stream can end early (measured: under 20
+    # clients' pushes the SuperLink's SQLite said "database is locked" to the stream): ask how the run is doing.
+    status = run_status(cfg, run_id)
+    if not status.startswith("finished"):
+        echo(f"the log stream ended while run {run_id} is {status}; waiting for it to finish")
+        unanswered = 0  # consecutive failed status queries: the SuperLink is gone, not busy
+        while not status.startswith("finished") and unanswered < 10:
+            time.sleep(2.0)
+            status = run_status(cfg, run_id)
+            unanswered = unanswered + 1 if status == "unknown" else 0
+    return run_id, status
+
+
+def run_status(cfg: ServiceConfig, run_id: int) -> str:
+    """The SuperLink's status of a run, e.g. "finished:completed" or "running" (with details when it has some)."""
     done = _flwr(cfg, ["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"])
     try:
-        runs = json.loads(done.stdout)["runs"]
-        run = runs[0]
+        run = json.loads(done.stdout)["runs"][0]
         status = str(run.get("status", "unknown"))
         details = str(run.get("status-details", "") or "")
     except (ValueError, KeyError, IndexError, TypeError):
-        return run_id, "unknown"
-    return run_id, status + (f": {details}" if details and details != "None" else "")
+        return "unknown"
+    return status + (f": {details}" if details and details != "None" else "")
 
 
 def stop_stale_runs(cfg: ServiceConfig, echo: Callable[[str], None]) -> list[int]:
