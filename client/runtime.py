@@ -37,9 +37,10 @@ from client.trusted_app import refusal
 
 log = logging.getLogger("fedtune.client")
 
-# Flower's SuperExec polls every 1 s; a round waits for this poll once per message, so poll faster (an idle
-# poll is one loopback request: ~1 ms of CPU).
-POLL_SECONDS = 0.1
+# Flower's SuperExec polls every 1 s, and a round waits for this poll once per message. Polling every 0.1 s
+# cost 6.6% of a core per idle client (measured, 20 clients on 2 cores), so poll fast right after a task
+# (the next message of a round follows soon) and back off to 0.5 s while idle (~1.3% of a core).
+POLL_SECONDS = (0.1, 0.5)
 HEARTBEAT_SECONDS = 5.0
 
 
@@ -67,6 +68,8 @@ class ClientRuntime:
         )
 
     def serve_forever(self) -> None:
+        fastest, slowest = POLL_SECONDS
+        wait = fastest
         while True:
             try:
                 res = self.acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
@@ -75,8 +78,10 @@ class ClientRuntime:
                 continue
             if res.HasField("task") and res.token:
                 self.run_task(res.token)
+                wait = fastest
             else:
-                time.sleep(POLL_SECONDS)
+                time.sleep(wait)
+                wait = min(slowest, wait * 1.5)
 
     def run_task(self, token: str) -> None:
         """Pull one message with its context and app package, run it (or refuse it), push the reply."""

@@ -10,6 +10,7 @@ Every other path answers 404 without reaching the SuperLink.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import re
 import ssl
@@ -30,12 +31,18 @@ FLEET_PATH = re.compile(r"/v1/fleet/[a-z][a-z-]{0,63}")
 # timestamp, Flower version, content type) passes through untouched.
 _DROP = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "content-length"})
 MAX_BODY = 512 * 1024 * 1024  # a whole model's arrays travel as objects; refuse anything beyond reason
+# The SuperLink keeps its state in SQLite. Twenty SuperNodes pushing replies at once made it answer "database is
+# locked" (HTTP 500), and a SuperNode does not resend a reply it failed to push: the round then waited for its
+# deadline (measured, 20 clients on 2 cores). One Fleet call at a time reaches the SuperLink; each is
+# milliseconds on loopback, model objects included (a LoRA update is ~0.3 MB).
+MAX_IN_FLIGHT = 1
 
 
 def build_app(upstream: str, ca: Path | None) -> Starlette:
     """A Starlette app that forwards Fleet API calls to `upstream` (the SuperLink on loopback)."""
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) if ca is not None else False
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=httpx.Timeout(300.0, connect=10.0))
+    in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def forward(request: Request) -> Response:
         path = request.url.path
@@ -46,7 +53,8 @@ def build_app(upstream: str, ca: Path | None) -> Starlette:
             return PlainTextResponse("request too large", status_code=413)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP]
         try:
-            reply = await client.post(path, content=body, headers=headers)
+            async with in_flight:
+                reply = await client.post(path, content=body, headers=headers)
         except httpx.HTTPError:
             return PlainTextResponse("the coordinator is not ready", status_code=503)
         out = {k: v for k, v in reply.headers.items() if k.lower() not in _DROP | {"content-encoding", "server", "date"}}
