@@ -118,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="after", help="name of this measurement in the JSON (before | after)")
     p.add_argument("--smoke", action="store_true", help="2 clients x 2 rounds, 24 rows (use with a tiny --model)")
     p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/p6_deploy_overhead_LABEL.json)")
+    p.add_argument("--keep", type=Path, help="work in this (new) folder and keep its logs, instead of a temporary one")
     args = p.parse_args(argv)
     if args.smoke:
         args.clients, args.rounds, args.rows = 2, 2, 24
     with tempfile.TemporaryDirectory(prefix="fedtune-p6-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         began = time.perf_counter()
-        results = federate(args, Path(tmp))
+        results = federate(args, work)
         wall = time.perf_counter() - began
     rows = fixed_costs(results)
     steady = [r["fixed_s_mean"] for r in rows[1:]] or [rows[0]["fixed_s_mean"]]

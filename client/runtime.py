@@ -93,8 +93,10 @@ class ClientRuntime:
         threading.Thread(target=_heartbeat, args=(client, stop_heartbeat), daemon=True).start()
         context: Context | None = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
+        began = time.monotonic()
         try:
             message, context, run, fab = pull_task_input(client)
+            pulled = time.monotonic()
             reason = refusal(fab.content, dict(context.run_config))
             if reason is not None:
                 self.echo(
@@ -113,7 +115,14 @@ class ClientRuntime:
                     reason = f"{type(err).__name__}: {err}"
                     reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
                     details = reason
+            ran = time.monotonic()
             push_message(client, reply, context)
+            # The task's timeline, for this log only: where a round's fixed cost goes (benchmarks/p6).
+            print(
+                f"{message.metadata.message_type} task of run {run.run_id}: pulled {pulled - began:.2f} s, "
+                f"ran {ran - pulled:.2f} s, pushed {time.monotonic() - ran:.2f} s (at {time.time():.1f})",
+                flush=True,
+            )
         except Exception as err:  # the SuperNode went away or the task expired: serve the next one
             log.warning("task failed: %s: %s", type(err).__name__, err)
         finally:
