@@ -36,9 +36,16 @@ class Reservation:
     """The outcome of asking the ledger for one more round."""
 
     granted: bool
-    epsilon_before: float
+    history_before: History  # what the dataset had spent before this round
     epsilon_after: float  # what the total would be (granted: now is) with the round
     budget: float
+    delta: float
+    accountant: str
+
+    @property
+    def epsilon_before(self) -> float:
+        # Computed on demand: each accountant call is ~0.3 s, and a client's round needs only epsilon_after.
+        return epsilon_spent(self.history_before, self.delta, self.accountant)
 
 
 class Ledger:
@@ -116,15 +123,14 @@ class Ledger:
                 self._key(fingerprint, unit), {"fingerprint": fingerprint, "unit": unit, "steps": []}
             )
             history = [tuple(s[:3]) for s in entry["steps"]]
-            before = epsilon_spent(history, delta, accountant)  # type: ignore[arg-type]
             after = epsilon_spent(history + list(steps), delta, accountant)  # type: ignore[operator]
             if after > budget:
-                return Reservation(False, before, after, budget)
+                return Reservation(False, history, after, budget, delta, accountant)  # type: ignore[arg-type]
             stamp = time.time()
             entry["steps"] += [[float(z), float(q), int(n), run_id, int(round_id), stamp] for z, q, n in steps]
             entry |= {"delta": delta, "accountant": accountant, "budget": budget, "epsilon": after}
             self._write(data)
-            return Reservation(True, before, after, budget)
+            return Reservation(True, history, after, budget, delta, accountant)  # type: ignore[arg-type]
 
     def summary(self) -> list[dict[str, Any]]:
         """Per dataset: spent epsilon, budget, accountant, delta and the epsilon each run added."""

@@ -41,3 +41,14 @@ def test_unreachable_budget_is_a_clear_error() -> None:
         calibrate_noise(1e-6, 1e-5, 1.0, 10_000)
     with pytest.raises(ValueError, match="unknown accountant 'gdp2'"):
         epsilon_spent([(1.0, 0.1, 1)], 1e-5, "gdp2")
+
+
+def test_a_mixed_history_agrees_with_google_composing_every_round() -> None:
+    # epsilon_spent merges rounds of the same mechanism; Google's accountant composes each round separately.
+    history = [(1.1, 0.1, 10), (0.9, 0.05, 40), (1.1, 0.1, 10), (0.9, 0.05, 20), (1.1, 0.1, 5)]
+    acc = dp_accounting.rdp.RdpAccountant()
+    for z, q, steps in history:
+        acc.compose(
+            dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), steps)
+        )
+    assert epsilon_spent(history, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=0.01)
