@@ -18,9 +18,9 @@ from tests.conftest import TINY_LABELS
 from tests.test_deployment import descendants, free_port, start, stop_all, wait_until_ready, write_data
 
 CLIENTS, ROUNDS, ROWS = 20, 3, 24
-# Clients start in batches: twenty runtimes importing torch at once on 2 cores (60 processes starting) starved
-# the SuperLink, whose activation replies timed out, and five SuperNodes gave up (measured).
-BATCH = 5
+# At most WINDOW clients start at once: twenty runtimes importing torch at once on 2 cores (60 processes
+# starting) starved the SuperLink, whose activation replies timed out, and five SuperNodes gave up (measured).
+WINDOW = 5
 LIMIT = 900  # seconds the whole federation may take before the test gives up and stops everything
 
 
@@ -82,8 +82,8 @@ def load_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
                     base / f"client{i}.log",
                 )
             )
-            if i % BATCH == BATCH - 1:  # on their own hosts they would not share two cores while importing torch
-                _wait_ready([base / f"client{j}.log" for j in range(i + 1 - BATCH, i + 1)], started)
+            if i >= WINDOW - 1:  # on their own hosts they would not share two cores while importing torch
+                _wait_ready([base / f"client{i + 1 - WINDOW}.log"], started)
         began = time.monotonic()
         while coordinator.poll() is None and time.monotonic() - began < LIMIT:
             pss = 0  # proportional set size: shared libraries counted once across the ~60 processes, not per process
