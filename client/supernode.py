@@ -70,9 +70,7 @@ def node_config_arg(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 
-RUNTIME_SECRET = (
-    "runtime.secret"  # shared by the SuperNode and client.runtime; without it a local user could take tasks
-)
+RUNTIME_SECRET = "runtime.secret"  # shared by the SuperNode and client.runtime; without it a local user could take tasks
 
 
 def runtime_command(settings: NodeSettings) -> list[str]:
@@ -112,8 +110,6 @@ def supernode_command(settings: NodeSettings) -> list[str]:
         exe,
         "--superlink",
         settings.coordinator,
-        "--auth-supernode-private-key",
-        str(settings.key),
         "--node-config",
         node_config_arg(settings.node_config),
         "--port",
@@ -126,7 +122,12 @@ def supernode_command(settings: NodeSettings) -> list[str]:
     ]
     if settings.max_retries is not None:
         cmd += ["--max-retries", str(settings.max_retries)]
-    cmd += ["--insecure"] if settings.insecure else ["--root-certificates", str(settings.ca)]
+    # Flower authenticates nodes only over TLS; an --insecure trial (coordinator --insecure too) runs without it.
+    cmd += (
+        ["--insecure"]
+        if settings.insecure
+        else ["--root-certificates", str(settings.ca), "--auth-supernode-private-key", str(settings.key)]
+    )
     return cmd
 
 
@@ -188,9 +189,7 @@ def run_supernode(settings: NodeSettings, fingerprint: str, echo: Callable[[str]
             signal.signal(s, handler)
     if rc != 0:
         reason = explain("".join(lines), settings, fingerprint)
-        raise ClientStartError(
-            reason or f"the Flower SuperNode exited with status {rc}; see {settings.home / 'supernode.log'}"
-        )
+        raise ClientStartError(reason or f"the Flower SuperNode exited with status {rc}; see {settings.home / 'supernode.log'}")
     return rc
 
 

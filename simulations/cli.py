@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             args["client_budgets"] = _budgets(args["client_budgets"])
         assert set(args) <= set(FIELDS), set(args) - set(FIELDS)
         cfg = build_config(file_settings, args)
+        cfg = dataclasses.replace(cfg, out=str(cfg.run_dir()))  # the default folder's timestamp is taken once
         results = simulate(cfg, console, resume=resume is not None)
     except (
         SimulationConfigError,
