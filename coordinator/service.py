@@ -7,17 +7,17 @@ import datetime
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from client.supernode import write_secret
 from client.trusted_app import app_pyproject
 from coordinator.registry import (
     UNREGISTERED,
@@ -111,13 +111,9 @@ def registered(cfg: ServiceConfig) -> list[str]:
     return [p.stem.replace("-", ":", 1) for p in sorted(cfg.nodes_dir.glob("*.pub"))]
 
 
-@contextlib.contextmanager
-def _control(cfg: ServiceConfig) -> Iterator[ControlHttpClient]:
-    client = control_client(cfg.home / "flwr", CONNECTION)
-    try:
-        yield client
-    finally:
-        client.close()
+def _control(cfg: ServiceConfig) -> contextlib.closing[ControlHttpClient]:
+    """A Control API client of this service's SuperLink (loopback), closed when the `with` block ends."""
+    return contextlib.closing(control_client(cfg.home / "flwr", CONNECTION))
 
 
 def _flwr(cfg: ServiceConfig, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -207,13 +203,6 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_secret(path: Path) -> None:
-    """A fresh random secret, readable by this user only (the SuperExec proves itself to the SuperLink with it)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(32))
-
-
 def _wait_for_port(group: subprocess.Popen, proc: subprocess.Popen, host: str, port: int, cfg: ServiceConfig, what: str) -> None:
     """Wait until `proc` (a member of `group`) accepts connections on host:port; stop the whole group if it never does."""
     deadline = time.monotonic() + 60
@@ -236,7 +225,7 @@ def start_superlink(cfg: ServiceConfig, echo: Callable[[str], None] = print) -> 
     internal = _free_loopback_port()
     write_connection(cfg, internal)
     secret = cfg.state_dir / "superexec.secret"
-    _write_secret(secret)
+    write_secret(secret)
     tls = cfg.tls_dir.resolve()
     cmd = [
         _bin("flower-superlink"),
