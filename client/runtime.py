@@ -80,9 +80,7 @@ class ClientRuntime:
             address,
             [
                 RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                SuperExecAuthHttpInterceptor(
-                    master_secret=secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}
-                ),
+                SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}),
             ],
         )
 
@@ -118,9 +116,7 @@ class ClientRuntime:
             pulled = time.monotonic()
             reason = refusal(fab.content, dict(context.run_config))
             if reason is not None:
-                self.echo(
-                    f"fedtune-client: refused run {run.run_id}: {reason}; nothing was read and no privacy was spent"
-                )
+                self.echo(f"fedtune-client: refused run {run.run_id}: {reason}; nothing was read and no privacy was spent")
                 reply = Message(
                     Error(code=ErrorCode.INVALID_FAB, reason=f"refused by the data holder: {reason}"), reply_to=message
                 )
@@ -197,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()  # reading the node's own file is quick; a bar per split is noise in its log
 
-    runtime = ClientRuntime(
-        args.runtime_api_address, args.secret_file.read_bytes(), app, lambda s: print(s, flush=True)
-    )
+    runtime = ClientRuntime(args.runtime_api_address, args.secret_file.read_bytes(), app, lambda s: print(s, flush=True))
     print("fedtune-client: runtime ready (fedtune's installed ClientApp only)", flush=True)
     try:
         runtime.serve_forever()

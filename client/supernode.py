@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -105,9 +104,10 @@ def check_files(settings: NodeSettings) -> str:
 
 
 def supernode_command(settings: NodeSettings) -> list[str]:
-    exe = shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or "flower-supernode"
     cmd = [
-        exe,
+        sys.executable,
+        "-m",
+        "client.flower_node",  # Flower's SuperNode, polling promptly during a run (see that module)
         "--superlink",
         settings.coordinator,
         "--node-config",
