@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -60,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # State at rest is owner-only whatever the caller's umask: keys, database, ledger, checkpoints and logs
+    # (this process and all it starts: SuperLink, SuperNode, runtime, ServerApp). See docs/security.md.
+    os.umask(0o077)
     args = parser().parse_args(argv)
     console = Console(stderr=True)
     from coordinator.registry import RegistryError

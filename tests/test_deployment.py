@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -104,6 +105,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
 
     base = tmp_path_factory.mktemp("deploy")
     port = free_port()
+    umask = os.umask(0o022)  # a usual login umask: every fedtune process below inherits it
     init = cli(
         "fedtune-coordinator",
         "init",
@@ -215,6 +217,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
         }
     finally:
         leftovers = stop_all(started)
+        os.umask(umask)
         assert not leftovers, f"processes left running: {leftovers}"
 
 
@@ -280,6 +283,20 @@ def test_each_client_shows_its_epsilon_locally(federation) -> None:
     for i in range(3):
         log = federation["logs"][f"client{i}.log"]
         assert "stay on this host" in log and "epsilon" in log.split("joining", 1)[1], log[-2000:]
+
+
+def test_state_at_rest_is_owner_only_under_umask_022(federation) -> None:
+    base = federation["base"]
+    written = [
+        p for d in ["coord", *(f"home{i}" for i in range(3)), *(f"node{i}" for i in range(4))] for p in (base / d).rglob("*")
+    ]
+    assert any(p.name == "ledger.json" for p in written) and any(p.suffix == ".db" for p in written)
+    readable = [
+        f"{p.relative_to(base)} {stat.filemode(p.lstat().st_mode)}"
+        for p in written
+        if not p.is_symlink() and p.lstat().st_mode & 0o077
+    ]
+    assert not readable, f"readable by group or others: {readable}"
 
 
 def test_client_ledger_on_disk_holds_what_the_coordinator_reports(federation) -> None:
