@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -83,11 +84,19 @@ FLAGS: list[tuple[str, str, Any, str]] = [
     ("--out", "out", str, "run folder (default runs/<timestamp>)"),
     ("--cpus-per-client", "cpus_per_client", float, "CPU cores reserved per simulated client (default 1)"),
     ("--gpus-per-client", "gpus_per_client", float, "GPU share per simulated client (default 0.5 on CUDA)"),
+    (
+        "--ray-address",
+        "ray_address",
+        str,
+        "run the clients on this existing Ray cluster (HOST:PORT of its head, as `ray start --head` prints); "
+        "default: a private Ray instance on 127.0.0.1 for this run only",
+    ),
 ]
 
 
-# Settings a resumed run may change: they decide how long it waits and what it shows, not what it trains.
-RESUME_MAY_CHANGE = {"verbose", "round_timeout", "round_retries"}
+# Settings a resumed run may change: they decide how long it waits, where it runs and what it shows, not what
+# it trains (a restarted Ray cluster has a new address).
+RESUME_MAY_CHANGE = {"verbose", "round_timeout", "round_retries", "ray_address"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -101,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="RUN_DIR",
         help="continue an interrupted run after its last completed round "
-        "(only --round-timeout, --round-retries and --verbose may change)",
+        "(only --round-timeout, --round-retries, --ray-address and --verbose may change)",
     )
     for flag, dest, kind, help_ in FLAGS:
         p.add_argument(flag, dest=dest, type=kind, help=help_)
@@ -141,6 +150,9 @@ def _budgets(items: list[str]) -> dict[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Results, checkpoints, ledgers and the exported model are owner-only whatever the caller's umask (this
+    # process and Ray's, which it starts). See docs/security.md.
+    os.umask(0o077)
     args = vars(parser().parse_args(argv))
     console = Console(stderr=True)
     try:

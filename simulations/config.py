@@ -79,6 +79,7 @@ class SimulationConfig:
     out: str = ""
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
+    ray_address: str = ""  # an existing Ray cluster (ray.init(address=...)); empty: a private one on loopback
     verbose: bool = False
 
     def run_dir(self) -> Path:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,6 +76,66 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def ray_environment() -> dict[str, str]:
+    """Environment variables that keep Ray on loopback and quiet; Ray reads them at import and start-up."""
+    return {
+        # Ray's single-host mode (its default on macOS and Windows): the node address is then 127.0.0.1, and
+        # Ray binds its gRPC servers to 127.0.0.1 exactly when that is the node address. Measured on Linux
+        # (Ray 2.55.1, psutil): without it the GCS, both raylet ports, the driver and every worker listened on
+        # *:PORT and the runtime-env agent on the host's address, even with `_node_ip_address="127.0.0.1"`,
+        # which Ray's cluster mode maps back to the host's address. The driver also reads it to resolve a
+        # --ray-address of 127.0.0.1 (else it dials the host's address, where a loopback cluster is absent).
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # Ray's announced default, set now: its driver warns (FutureWarning) on every run until it is set.
+        # A client asking for no GPU then keeps the driver's CUDA_VISIBLE_DEVICES instead of an empty one;
+        # fedtune asks for GPUs whenever the driver's device is CUDA and tells clients "cpu" otherwise.
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+
+
+def ray_init_args(cfg: SimulationConfig, temp_dir: str) -> dict[str, Any]:
+    """Arguments for `ray.init` (Flower passes its backend's `init_args`): an existing cluster or a private one."""
+    # The clients' own output (Flower's "Manually terminating ClientAppActor" warning at every run's end,
+    # library warnings) only with --verbose; a failing client still shows, in the round's faults.
+    quiet = {"logging_level": "INFO" if cfg.verbose else "ERROR", "log_to_driver": cfg.verbose}
+    if cfg.ray_address:  # Ray's own clustering; the cluster's operator chose its addresses and dashboard
+        return {"address": cfg.ray_address, **quiet}
+    return {
+        "address": "local",  # a new instance even if RAY_ADDRESS or a `ray start` cluster is around
+        "_node_ip_address": "127.0.0.1",
+        "include_dashboard": False,  # no web UI, which would let anyone who reaches it run jobs
+        # Sessions, logs, sockets and spilled objects go here, not to the shared, world-writable /tmp/ray.
+        "_temp_dir": temp_dir,
+        **quiet,
+    }
+
+
+@contextlib.contextmanager
+def ray_temp_dir() -> Iterator[str]:
+    """A folder for one run's Ray session inside an owner-only (0700) one, both removed afterwards."""
+    # /tmp, as Ray's default: Ray refuses unix socket paths over 107 bytes (103 on macOS), and its session
+    # folder and socket names take about 65 of them; pytest's or macOS' temporary folders can take the rest.
+    private = tempfile.mkdtemp(prefix="fedtune-ray-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    try:
+        # Ray makes every folder it creates, its temp dir included, world-writable (0777, measured); the
+        # owner-only parent keeps other local users out of the sessions, logs and sockets all the same.
+        yield os.path.join(private, "ray")
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _check_loopback() -> None:
+    """Refuse to start a local Ray instance that would listen beyond loopback (Ray imported before fedtune set it up)."""
+    import ray
+
+    address = ray.util.get_node_ip_address()  # before ray.init: the address Ray's servers would bind
+    if not ipaddress.ip_address(address).is_loopback:
+        raise SimulationConfigError(
+            f"Ray would listen on {address}: this process imported ray before fedtune set "
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; set it in the environment, or pass --ray-address"
+        )
+
+
 def simulate(
     cfg: SimulationConfig, console: Console | None = None, client_mods: Sequence[Mod] = (), resume: bool = False
 ) -> dict[str, Any]:
@@ -80,6 +144,7 @@ def simulate(
     `client_mods` are Flower client mods wrapped around every client's message handling; with
     `resume`, the run in `cfg.out` continues after its last checkpoint.
     """
+    os.environ.update(ray_environment())  # before Ray is imported: it reads some of them only then
     from flwr.simulation import run_simulation  # heavy import (Ray); only when a run starts
 
     from simulations import dispatch
@@ -171,17 +236,20 @@ def simulate(
     )
     client_app = make_client_app(ccfg, data_fn, cfg.client_budgets, client_mods, ledger)
     gpus = cfg.gpus_per_client if cfg.gpus_per_client > 0 else (0.5 if device.type == "cuda" else 0.0)
+    if not cfg.ray_address:
+        _check_loopback()
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=cfg.num_clients,
-            backend_config={
-                "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": gpus},
-                "init_args": {"logging_level": "INFO" if cfg.verbose else "ERROR", "log_to_driver": True},
-            },
-            verbose_logging=cfg.verbose,
-        )
+        with ray_temp_dir() as temp_dir:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.num_clients,
+                backend_config={
+                    "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": gpus},
+                    "init_args": ray_init_args(cfg, temp_dir),
+                },
+                verbose_logging=cfg.verbose,
+            )
     except (RoundFailed, JoinTimeout, CheckpointError) as err:  # Flower re-raises the ServerApp's exception here
         raise FederationStopped(str(err)) from None
     results_path = out_dir / "results.json"
