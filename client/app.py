@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from client import wire
 from client.config import ClientConfig
 from client.evaluate import evaluate
 from client.model import build_model, load_tokenizer, load_trainable_state, trainable_state
@@ -31,11 +32,8 @@ _ENCODED: dict[tuple, tuple[Encoded, Encoded, str]] = {}  # per-process cache: t
 
 
 def client_id(context: Context) -> int:
-    """The simulation partition id, else the node id: how results name this client.
-
-    Flower's node ids are unsigned 64-bit, MetricRecord's ints signed: keep 53 bits (exact in JSON too).
-    """
-    return int(context.node_config.get("partition-id", context.node_id % 2**53))
+    """The simulation partition id, else the node id: how results name this client (the coordinator checks it)."""
+    return int(context.node_config.get("partition-id", wire.node_client_id(context.node_id)))
 
 
 def _local_data(cfg: ClientConfig, data_fn: DataFn, node_config: dict[str, Any]) -> tuple[Encoded, Encoded, str]:
@@ -79,22 +77,23 @@ def save_history(context: Context, history: History) -> None:
 
 def _history_metrics(history: History) -> dict[str, Any]:
     # The full (noise, rate, steps) history travels so that anyone can recompute the epsilon reported.
+    noise, rate, steps = wire.HISTORY
     return {
         "steps": sum(h[2] for h in history),
-        "history-noise": [float(h[0]) for h in history],
-        "history-rate": [float(h[1]) for h in history],
-        "history-steps": [int(h[2]) for h in history],
+        noise: [float(h[0]) for h in history],
+        rate: [float(h[1]) for h in history],
+        steps: [int(h[2]) for h in history],
     }
 
 
 def _reply(
     msg: Message, metrics: dict[str, Any], arrays: ArrayRecord | None = None, scales: ArrayRecord | None = None
 ) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics)})
+    content = RecordDict({wire.METRICS: MetricRecord(metrics)})
     if arrays is not None:
-        content["arrays"] = arrays
+        content[wire.ARRAYS] = arrays
     if scales is not None:  # an 8-bit update: see privacy/update_codec.py
-        content["scales"] = scales
+        content[wire.SCALES] = scales
     return Message(content=content, reply_to=msg)
 
 
@@ -117,11 +116,11 @@ def handle_train(
     # With a ledger, privacy composes over every run ever made on this data; without, over this run.
     history = ledger.history(fingerprint) if ledger is not None else load_history(context)
     metrics: dict[str, Any] = {
-        "client-id": cid,
-        "dp": int(cfg.privacy.enabled),
-        "declined": 0,
+        wire.CLIENT_ID: cid,
+        wire.DP: int(cfg.privacy.enabled),
+        wire.DECLINED: 0,
         "ledger": int(ledger is not None),
-        "unit-weight": 1,  # for central DP's equal weighting
+        wire.WEIGHT: 1,  # every client weighs the same in aggregation
         "max-grad-norm": cfg.privacy.max_grad_norm,
         "accountant-prv": int(cfg.privacy.accountant == "prv"),  # metrics hold numbers only: 0 = rdp
     }
@@ -157,7 +156,8 @@ def handle_train(
                 budget,
             )
             spent = epsilon_spent(history, cfg.privacy.delta, cfg.privacy.accountant)
-            return _reply(msg, metrics | {"declined": 1, "num-examples": 0, "epsilon": spent, **_history_metrics(history)})
+            declined = {wire.DECLINED: 1, wire.NUM_EXAMPLES: 0, wire.EPSILON: spent}
+            return _reply(msg, metrics | declined | _history_metrics(history))
     model = build_model(cfg.model, cfg.labels)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     began = time.perf_counter()
@@ -174,12 +174,12 @@ def handle_train(
     )
     save_history(context, outcome.history)
     # train-seconds: local compute of the round (DP wiring included), for the coordinator's efficiency figures.
-    metrics |= {"num-examples": len(train), "train-loss": outcome.mean_loss, "train-seconds": time.perf_counter() - began}
+    metrics |= {wire.NUM_EXAMPLES: len(train), wire.TRAIN_LOSS: outcome.mean_loss, "train-seconds": time.perf_counter() - began}
     if cfg.privacy.enabled:
         # The round spent what was projected (the accountant is ~0.3 s a call): recompute only if it did not.
         planned = plan is not None and outcome.history == history + plan.as_history()
         eps = after if planned else epsilon_spent(outcome.history, cfg.privacy.delta, cfg.privacy.accountant)
-        metrics |= {"epsilon": eps, **_history_metrics(outcome.history)}
+        metrics |= {wire.EPSILON: eps, **_history_metrics(outcome.history)}
         log.info(
             "client %s round %s: epsilon %.3f of %.3f (delta %g, %s)",
             cid,
@@ -203,7 +203,7 @@ def _encode(state: dict[str, torch.Tensor], base: ArrayRecord, config: ConfigRec
 def handle_evaluate(msg: Message, context: Context, cfg: ClientConfig, data_fn: DataFn) -> Message:
     """Evaluate the global model on this node's held-back local split; reply with metrics only."""
     _, held, _ = _local_data(cfg, data_fn, dict(context.node_config))
-    metrics: dict[str, Any] = {"client-id": client_id(context), "num-examples": len(held), "unit-weight": 1}
+    metrics: dict[str, Any] = {wire.CLIENT_ID: client_id(context), wire.NUM_EXAMPLES: len(held), wire.WEIGHT: 1}
     if held:
         model = build_model(cfg.model, cfg.labels)
         load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())

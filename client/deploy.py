@@ -10,6 +10,7 @@ import datasets
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client import wire
 from client.app import handle_evaluate, handle_train
 from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
 from client.data import load_examples
@@ -95,12 +96,13 @@ def train(msg: Message, context: Context) -> Message:
 
 def _show(reply: Message, server_round: int) -> None:
     # The data holder watches its own spending; this goes to `fedtune-client`'s terminal, not to the coordinator.
-    m = reply.content["metrics"]
-    if m.get("declined"):
+    m = reply.content[wire.METRICS]
+    if m.get(wire.DECLINED):
         text = f"round {server_round}: declined, the round would exceed the budget {m['budget-epsilon']:g}"
-    elif "epsilon" in m:
+    elif wire.EPSILON in m:
         text = (
-            f"round {server_round}: trained; epsilon {m['epsilon']:.3f} of budget {m['budget-epsilon']:g} (delta {m['delta']:g})"
+            f"round {server_round}: trained; epsilon {m[wire.EPSILON]:.3f} of budget {m['budget-epsilon']:g} "
+            f"(delta {m['delta']:g})"
         )
     else:
         text = f"round {server_round}: trained WITHOUT differential privacy"

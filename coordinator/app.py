@@ -9,8 +9,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.superlink.grid import InMemoryGrid
 
 from client.model import build_model, export_model, load_tokenizer, load_trainable_state, trainable_state
+from client.wire import node_client_id
 from coordinator.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -41,6 +43,17 @@ def resume_settings(cfg: CoordinatorConfig) -> dict[str, Any]:
         "strategy": cfg.strategy,
         "central_dp": cfg.central_dp,
     }
+
+
+def simulated_clients(grid: Grid) -> dict[int, int]:
+    """Node id -> partition id of a simulation's clients, from the engine's side; {} when deployed.
+
+    Flower's engine (`vce_api._register_nodes`) registers node i for partition i, in order, in the in-memory
+    LinkState this grid reads, and `get_node_info` lists nodes in that order. Deployed, a client is its node id.
+    """
+    if not isinstance(grid, InMemoryGrid):
+        return {}
+    return {n.node_id: i for i, n in enumerate(grid.state.get_node_info())}
 
 
 class _Hooks(RoundHooks):
@@ -79,14 +92,21 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
                 metrics = evaluator(model)
             recorder.global_evaluation(server_round, metrics)
 
+        # Round 1 may wait for more clients than later rounds need (deployment: every known hospital).
+        wait_for_clients(grid, num_clients if ckpt else max(num_clients, cfg.wait_for_clients), cfg.join_timeout)
+        partitions = simulated_clients(grid)  # once every simulated node is registered
+        recorder.name_clients(partitions)
         strategy = PrivacyTracking(
-            build_strategy(cfg, num_clients), recorder.client_reports, recorder.rejection, cfg.max_update_norm
+            build_strategy(cfg, num_clients),
+            recorder.client_reports,
+            recorder.rejection,
+            cfg.max_update_norm,
+            client_of=lambda node: partitions.get(node, node_client_id(node)),
+            num_labels=len(cfg.labels),
         )
         if ckpt is not None:
             restore_strategy_state(strategy, ckpt.strategy_state)
         else:
-            # Round 1 may wait for more clients than later rounds need (deployment: every known hospital).
-            wait_for_clients(grid, max(num_clients, cfg.wait_for_clients), cfg.join_timeout)
             evaluate_fn(0, arrays)
         policy = RoundPolicy(
             deadline=cfg.round_timeout,

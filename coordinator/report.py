@@ -18,6 +18,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from client.wire import node_client_id
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
@@ -36,6 +38,9 @@ def _plain(value: Any) -> Any:
 
 def _record(metrics: Any) -> dict[str, Any]:
     return {k: _plain(v) for k, v in dict(metrics or {}).items()}
+
+
+REJECTED = {"train": "rejected", "evaluate": "rejected_evaluate"}  # phase -> a round's entry of rejected replies
 
 
 class RunRecorder:
@@ -93,17 +98,18 @@ class RunRecorder:
         clients |= {str(cid): _record(r) for cid, r in sorted(reports.items())}
         self._round(server_round)["clients"] = dict(sorted(clients.items(), key=lambda kv: int(kv[0])))
 
+    def name_clients(self, client_ids: dict[int, int]) -> None:
+        """Node id -> client id, as the coordinator knows it (never from what a reply says)."""
+        self.names |= {node: str(cid) for node, cid in client_ids.items()}
+
     def _name(self, node: int) -> str:
-        return self.names.get(node, f"node {node}")
+        return self.names.get(node, str(node_client_id(node)))
 
     def phase(self, server_round: int, name: str, outcome: Any) -> None:
-        """Hook of the round loop: who answered a phase, who missed its deadline, whose reply was an error."""
-        for reply in outcome.replies:
-            if not reply.has_error() and "client-id" in reply.content["metrics"]:
-                self.names[reply.metadata.src_node_id] = str(int(reply.content["metrics"]["client-id"]))
+        """Hook of the round loop: who missed a phase's deadline, whose reply was an error."""
         if not outcome.stragglers and not outcome.failures:
             return
-        # Kept by node id: a client's id is learnt from its first good reply, which may come later.
+        # Kept by node id, named when results are written (a resumed run's names join the record later).
         entry = self._round(server_round).setdefault("dropped", {}).setdefault(name, {"stragglers": [], "failures": {}})
         entry["stragglers"] += outcome.stragglers
         entry["failures"] |= {str(n): why for n, why in outcome.failures.items()}
@@ -121,7 +127,7 @@ class RunRecorder:
             self._round(server_round)["federated_evaluation"] = _record(metrics)
 
     def faults(self) -> list[dict[str, Any]]:
-        """Every straggler, failed reply and rejected update of the run, one row each, by client id."""
+        """Every straggler, failed reply and rejected reply of the run, one row each, by client id."""
         rows = []
         for r in sorted(self.rounds):
             entry = self.rounds[r]
@@ -134,16 +140,14 @@ class RunRecorder:
                     {"round": r, "phase": phase, "client": self._name(int(n)), "fault": f"error: {why}"}
                     for n, why in d["failures"].items()
                 ]
-            rows += [
-                {"round": r, "phase": "train", "client": c, "fault": f"update rejected: {why}"}
-                for c, why in entry.get("rejected", {}).items()
-            ]
+            for phase, key in REJECTED.items():
+                rows += [{"round": r, "phase": phase, "client": c, "fault": why} for c, why in entry.get(key, {}).items()]
         return rows
 
-    def rejection(self, server_round: int, client: int, reason: str) -> None:
-        """Sink for the strategy: an update kept out of aggregation, and why."""
-        self._round(server_round).setdefault("rejected", {})[str(client)] = reason
-        self.console.print(f"[yellow]round {server_round}: rejected client {client}'s update: {escape(reason)}[/]")
+    def rejection(self, server_round: int, phase: str, client: int, reason: str) -> None:
+        """Sink for the strategy: a reply kept out of aggregation, and why."""
+        self._round(server_round).setdefault(REJECTED[phase], {})[str(client)] = reason
+        self.console.print(f"[yellow]round {server_round} {phase}: client {client}: {escape(reason)}[/]")
 
     def global_evaluation(self, server_round: int, metrics: dict[str, Any]) -> None:
         """Called after each round (and once before the first) with the central evaluation."""

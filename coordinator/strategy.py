@@ -1,4 +1,4 @@
-"""Strategies: Flower's FedAvg/FedProx/FedAdam, wrapped to track every client's privacy report."""
+"""Strategies: Flower's FedAvg/FedProx/FedAdam, wrapped to validate every reply and track each client's privacy report."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from client import wire
 from coordinator.config import CoordinatorConfig
 from coordinator.validation import update_problem
 from privacy import epsilon_spent
@@ -27,33 +28,31 @@ from privacy.update_codec import UpdateCodecError, dequantize
 ClientReport = dict[str, float]
 # Called once per round with each replying client's id and its train metrics (epsilon, declined, ...).
 ReportSink = Callable[[int, dict[int, ClientReport]], None]
-# Called with (round, client id, reason) for every update kept out of aggregation as invalid.
-RejectionSink = Callable[[int, int, str], None]
+# Called with (round, phase, client id, reason) for every reply kept out of aggregation as invalid.
+RejectionSink = Callable[[int, str, int, str], None]
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean training loss, and the largest epsilon any client has reached."""
-    metrics = [r["metrics"] for r in replies]
+    """Weighted mean training loss (PrivacyTracking adds the largest epsilon)."""
+    metrics = [r[wire.METRICS] for r in replies]
     weights = np.array([m[weight_key] for m in metrics], dtype=float)
-    out = {"train-loss": float(np.average([m["train-loss"] for m in metrics], weights=weights))}
-    eps = [m["epsilon"] for m in metrics if "epsilon" in m]
-    return MetricRecord(out | ({"max-epsilon": float(max(eps))} if eps else {}))
+    return MetricRecord({wire.TRAIN_LOSS: float(np.average([m[wire.TRAIN_LOSS] for m in metrics], weights=weights))})
 
 
 def aggregate_evaluate_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
     """Pool the clients' confusion matrices, so accuracy and macro-F1 are those of all local examples."""
-    # Pooled over examples whatever weight aggregation uses (central DP weighs clients equally).
-    metrics = [r["metrics"] for r in replies if r["metrics"]["num-examples"] > 0 and "confusion" in r["metrics"]]
+    # Pooled over examples whatever weight aggregation uses (clients weigh the same in training).
+    metrics = [r[wire.METRICS] for r in replies if r[wire.METRICS][wire.NUM_EXAMPLES] > 0 and wire.CONFUSION in r[wire.METRICS]]
     if not metrics:
         return MetricRecord({})
-    k = int(round(len(metrics[0]["confusion"]) ** 0.5))
-    confusion = np.sum([np.reshape(m["confusion"], (k, k)) for m in metrics], axis=0)
+    k = int(round(len(metrics[0][wire.CONFUSION]) ** 0.5))
+    confusion = np.sum([np.reshape(m[wire.CONFUSION], (k, k)) for m in metrics], axis=0)
     tp, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
     f1 = np.divide(2 * tp, predicted + actual, out=np.zeros(k), where=(predicted + actual) > 0)
-    weights = [m["num-examples"] for m in metrics]
+    weights = [m[wire.NUM_EXAMPLES] for m in metrics]
     return MetricRecord(
         {
-            "loss": float(np.average([m["loss"] for m in metrics], weights=weights)),
+            "loss": float(np.average([m[wire.LOSS] for m in metrics], weights=weights)),
             "accuracy": float(tp.sum() / confusion.sum()),
             "macro-f1": float(f1.mean()),
             "num-examples": int(confusion.sum()),
@@ -74,10 +73,11 @@ def client_level_epsilon(cfg: CoordinatorConfig, releases: int) -> float:
 def build_strategy(cfg: CoordinatorConfig, num_available: int) -> Strategy:
     """The configured Flower strategy; it waits for `num_available` clients before sampling.
 
-    With central DP, Flower's server-side fixed-clipping wrapper clips each update to
-    `central_clipping_norm` and adds Gaussian noise with std z * C / (clients sampled) to the average,
-    which is only the right sensitivity if every client weighs the same: so clients are weighted
-    equally ("unit-weight") instead of by example count.
+    Every client weighs the same (`unit-weight`, which a reply must state as exactly 1), never by the
+    example count it claims: that count cannot be checked, and a client claiming 1e9 examples would
+    otherwise decide the average alone. Central DP needs equal weights too: Flower's server-side
+    fixed-clipping wrapper clips each update to `central_clipping_norm` and adds Gaussian noise with std
+    z * C / (clients sampled) to the average, the right sensitivity only if every client weighs the same.
     """
     common = dict(
         fraction_train=cfg.fraction_train,
@@ -85,11 +85,11 @@ def build_strategy(cfg: CoordinatorConfig, num_available: int) -> Strategy:
         min_train_nodes=min(cfg.min_clients, num_available),
         min_evaluate_nodes=min(cfg.min_clients, num_available) if cfg.fraction_evaluate > 0 else 0,
         min_available_nodes=num_available,
+        weighted_by_key=wire.WEIGHT,
         train_metrics_aggr_fn=aggregate_train_metrics,
         evaluate_metrics_aggr_fn=aggregate_evaluate_metrics,
     )
     if cfg.central_dp:
-        common["weighted_by_key"] = "unit-weight"
         inner: Strategy = FedProx(**common, proximal_mu=cfg.proximal_mu) if cfg.strategy == "fedprox" else FedAvg(**common)
         return DifferentialPrivacyServerSideFixedClipping(
             inner,
@@ -115,16 +115,26 @@ def build_strategy(cfg: CoordinatorConfig, num_available: int) -> Strategy:
 
 
 class PrivacyTracking(Strategy):
-    """Wraps a strategy: records each client's privacy report, and keeps declined clients and invalid
-    updates (see coordinator/validation.py) out of aggregation."""
+    """Wraps a strategy: checks every reply as untrusted input (client/wire.py, then coordinator/validation.py),
+    records each client's privacy report under the client its node is, and keeps declined clients and bad
+    replies out of aggregation; a bad reply is that client's fault, reported through `rejections`."""
 
     def __init__(
-        self, inner: Strategy, sink: ReportSink, rejections: RejectionSink | None = None, max_update_norm: float = 1e4
+        self,
+        inner: Strategy,
+        sink: ReportSink,
+        rejections: RejectionSink | None = None,
+        max_update_norm: float = 1e4,
+        client_of: Callable[[int], int] = wire.node_client_id,
+        num_labels: int | None = None,
     ) -> None:
         self.inner = inner
         self.sink = sink
-        self.rejections = rejections or (lambda r, cid, why: None)
+        self.rejections = rejections or (lambda r, phase, cid, why: None)
         self.max_update_norm = max_update_norm
+        # Who sent a reply is its authenticated source node, never what the reply says about itself.
+        self.client_of = client_of
+        self.num_labels = num_labels
         self.current: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -134,45 +144,53 @@ class PrivacyTracking(Strategy):
         self.current = arrays  # what every update must match
         return self.inner.configure_train(server_round, arrays, config, grid)
 
-    def _valid(self, server_round: int, msg: Message) -> bool:
-        if msg.has_error() or msg.content["metrics"].get("declined", 0) or self.current is None:
-            return True  # errors are Flower's to count; declined replies are dropped separately
-        cid = int(msg.content["metrics"].get("client-id", msg.metadata.src_node_id))
-        arrays, problem = self._decoded(msg)
-        if problem is None:
-            problem = "no weights in the reply" if arrays is None else update_problem(arrays, self.current, self.max_update_norm)
-        if problem:
-            self.rejections(server_round, cid, problem)
-        return problem is None
+    def _weights(self, msg: Message) -> tuple[ArrayRecord, str | None]:
+        """The reply's weights as float tensors, and why they must not be aggregated (None when they may).
 
-    def _decoded(self, msg: Message) -> tuple[ArrayRecord | None, str | None]:
-        """The reply's weights as float tensors: an 8-bit update is decoded here, in place, because Flower's
-        strategies expect exactly one ArrayRecord of weights per reply."""
+        An 8-bit update is decoded here, because Flower's strategies expect one ArrayRecord of weights per reply.
+        """
         records = msg.content.array_records
-        arrays = records.get("arrays")
-        if arrays is None or "scales" not in records or self.current is None:
-            return arrays, None
-        scales = records["scales"]
-        del msg.content["scales"]
-        try:
-            weights = dequantize(
-                {k: a.numpy() for k, a in arrays.items()},
-                {k: a.numpy() for k, a in scales.items()},
-                {k: a.numpy() for k, a in self.current.items()},
-            )
-        except UpdateCodecError as err:
-            return None, f"8-bit update: {err}"
-        msg.content["arrays"] = decoded = ArrayRecord({k: Array(v) for k, v in weights.items()})
-        return decoded, None
+        arrays = records[wire.ARRAYS]
+        if self.current is None:
+            return arrays, None  # configure_train never ran: nothing to check against
+        if wire.SCALES in records:
+            try:
+                weights = dequantize(
+                    {k: a.numpy() for k, a in arrays.items()},
+                    {k: a.numpy() for k, a in records[wire.SCALES].items()},
+                    {k: a.numpy() for k, a in self.current.items()},
+                )
+            except UpdateCodecError as err:
+                return arrays, f"8-bit update: {err}"
+            arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
+        return arrays, update_problem(arrays, self.current, self.max_update_norm)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        ok = [m for m in replies if not m.has_error()]
-        self.sink(server_round, {int(m.content["metrics"]["client-id"]): dict(m.content["metrics"]) for m in ok})
-        # A declined client sends no weights; averaging it in would drag the model back.
-        kept = [m for m in replies if m.has_error() or not m.content["metrics"].get("declined", 0)]
-        kept = [m for m in kept if self._valid(server_round, m)]
-        if not any(not m.has_error() for m in kept):
+        kept: list[Message] = []
+        reports: dict[int, ClientReport] = {}
+        for msg in replies:
+            if msg.has_error():
+                kept.append(msg)  # Flower counts it; the round loop lists it among the failures
+                continue
+            cid = self.client_of(msg.metadata.src_node_id)
+            if problem := wire.train_problem(msg.content, cid):
+                self.rejections(server_round, "train", cid, f"reply rejected: {problem}")
+                continue
+            metrics = msg.content[wire.METRICS]
+            reports[cid] = dict(metrics)  # well formed: the client's own privacy report, even if its update is not used
+            if metrics[wire.DECLINED]:
+                continue  # a declined client sends no weights; averaging it in would drag the model back
+            arrays, problem = self._weights(msg)
+            if problem:
+                self.rejections(server_round, "train", cid, f"update rejected: {problem}")
+                continue
+            # Flower's strategies want the same metric keys in every reply: pass on only what aggregation uses.
+            keep = (wire.WEIGHT, wire.NUM_EXAMPLES, wire.TRAIN_LOSS)
+            msg.content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: MetricRecord({k: metrics[k] for k in keep})})
+            kept.append(msg)
+        self.sink(server_round, reports)
+        trained = [self.client_of(m.metadata.src_node_id) for m in kept if not m.has_error()]
+        if not trained:
             return None, None  # nobody trained: keep the current global model
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
         if arrays is not None and self.current is not None:
@@ -181,10 +199,27 @@ class PrivacyTracking(Strategy):
             arrays = ArrayRecord(
                 {k: Array(a.numpy().astype(self.current[k].numpy().dtype, copy=False)) for k, a in arrays.items()}
             )
+        eps = [reports[cid][wire.EPSILON] for cid in trained if wire.EPSILON in reports[cid]]
+        if metrics is not None and eps:
+            metrics["max-epsilon"] = float(max(eps))
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        kept: list[Message] = []
+        for msg in replies:
+            if msg.has_error():
+                kept.append(msg)
+                continue
+            cid = self.client_of(msg.metadata.src_node_id)
+            if problem := wire.evaluate_problem(msg.content, cid, self.num_labels):
+                self.rejections(server_round, "evaluate", cid, f"reply rejected: {problem}")
+                continue
+            metrics = msg.content[wire.METRICS]
+            if metrics[wire.NUM_EXAMPLES] > 0:  # a client without a local split has nothing to pool
+                keep = (wire.WEIGHT, wire.NUM_EXAMPLES, wire.LOSS, wire.CONFUSION)
+                msg.content = RecordDict({wire.METRICS: MetricRecord({k: metrics[k] for k in keep})})
+                kept.append(msg)
+        return self.inner.aggregate_evaluate(server_round, kept)

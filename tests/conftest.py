@@ -46,6 +46,15 @@ def sentiment_rows(n: int, secret: str = "") -> list[tuple[str, str]]:
     return rows
 
 
+def write_sentiment_csv(path: Path, n: int, secret: str = "", offset: int = 0) -> Path:
+    """A text,label CSV of `sentiment_rows` number `offset` to `offset + n`."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(("text", "label"))
+        w.writerows(sentiment_rows(n + offset, secret)[offset:])
+    return path
+
+
 @pytest.fixture
 def write_csv(tmp_path: Path):
     def _write(rows: list[tuple[str, str]], name: str = "data.csv", header=("text", "label")) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -21,7 +20,7 @@ import psutil
 import pytest
 
 from tests import attacker
-from tests.conftest import TINY_LABELS, sentiment_rows
+from tests.conftest import TINY_LABELS, write_sentiment_csv
 
 BIN = Path(sys.executable).parent
 
@@ -92,11 +91,7 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def write_data(path: Path, n: int, offset: int) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(sentiment_rows(n + offset)[offset:])
-    return path
+    return write_sentiment_csv(path, n, offset=offset)
 
 
 @pytest.fixture(scope="module")

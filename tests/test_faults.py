@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from tests.conftest import TINY_LABELS, sentiment_rows
+from tests.conftest import TINY_LABELS, write_sentiment_csv
 
 DEADLINE = 60.0  # seconds each phase of a round waits; the silent client answers later than this
 CRASHES, NANS, HUGE, SILENT = 1, 2, 3, 4  # the faulty clients' partition ids
@@ -56,10 +55,7 @@ class NobodyTrainsIn:
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("faults") / "data.csv"
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(sentiment_rows(400))
+    write_sentiment_csv(path, 400)
     return path
 
 

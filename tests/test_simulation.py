@@ -13,7 +13,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from transformers import AutoModelForSequenceClassification
 
-from tests.conftest import TINY_LABELS, sentiment_rows
+from tests.conftest import TINY_LABELS, write_sentiment_csv
 
 SECRET = "zq7secretrow"
 
@@ -42,7 +42,6 @@ class RecordReplies:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     """3 clients x 2 rounds on a tiny BERT; client 2's budget is far smaller than one round."""
-    import csv
 
     import tests.test_simulation as this_module
     from simulations.config import build_config
@@ -50,10 +49,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
 
     base = tmp_path_factory.mktemp("sim")
     data = base / "data.csv"
-    with data.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(sentiment_rows(360, secret=SECRET))
+    write_sentiment_csv(data, 360, secret=SECRET)
     replies = base / "replies"
     replies.mkdir()
     cfg = build_config(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import ipaddress
 import os
@@ -19,7 +18,7 @@ import cloudpickle
 import psutil
 import pytest
 
-from tests.conftest import TINY_LABELS, sentiment_rows
+from tests.conftest import TINY_LABELS, write_sentiment_csv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +114,7 @@ def outside_loopback(watch: Watch) -> list[Listener]:
 @pytest.fixture(scope="module")
 def data_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ray-data") / "data.csv"
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(sentiment_rows(120))
+    write_sentiment_csv(path, 120)
     return path
 
 

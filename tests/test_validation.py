@@ -18,10 +18,12 @@ def in_a_run(monkeypatch):
 
 
 def reply(cid: int, weights: dict[str, torch.Tensor] | None) -> Message:
-    content = RecordDict({"metrics": MetricRecord({"client-id": cid, "num-examples": 10, "train-loss": 0.1, "declined": 0})})
+    """Client `cid`'s train reply, sent from node `cid` (a deployed client's id is its node id)."""
+    metrics = {"client-id": cid, "num-examples": 10, "unit-weight": 1, "train-loss": 0.1, "declined": 0, "dp": 0}
+    content = RecordDict({"metrics": MetricRecord(metrics)})
     if weights is not None:
         content["arrays"] = ArrayRecord(weights)
-    return Message(content, dst_node_id=cid + 1, message_type="train")
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=cid, message_type="train"))
 
 
 def fedavg_noting_rejections(rejected: dict[int, str]) -> PrivacyTracking:
@@ -29,7 +31,7 @@ def fedavg_noting_rejections(rejected: dict[int, str]) -> PrivacyTracking:
     return PrivacyTracking(
         FedAvg(train_metrics_aggr_fn=aggregate_train_metrics),
         lambda r, reports: None,
-        lambda r, cid, why: rejected.__setitem__(cid, why),
+        lambda r, phase, cid, why: rejected.__setitem__(cid, why),
         max_update_norm=100.0,
     )
 
