@@ -16,6 +16,7 @@ from tests.conftest import TINY_LABELS, write_sentiment_csv
 
 DEADLINE = 60.0  # seconds each phase of a round waits; the silent client answers later than this
 CRASHES, NANS, HUGE, SILENT = 1, 2, 3, 4  # the faulty clients' partition ids
+SILENT_ROUND = 2  # the round in which SILENT answers too late
 
 
 class Faults:
@@ -27,8 +28,8 @@ class Faults:
             return call_next(msg, context)
         if pid == CRASHES:
             raise RuntimeError(f"client {pid} crashed on purpose")
-        if pid == SILENT:
-            time.sleep(DEADLINE + 5)  # answers, but after the round has moved on
+        if pid == SILENT and int(msg.content["config"]["server-round"]) == SILENT_ROUND:
+            time.sleep(DEADLINE + 5)  # answers, but after the round has moved on (one round: each costs the deadline)
         reply = call_next(msg, context)
         arrays = reply.content["arrays"]
         if pid == NANS:
@@ -85,32 +86,31 @@ def _config(data_file: Path, model: Path, out: Path, **settings):
 
 
 @pytest.fixture(scope="module")
-def clean_and_faulty(data_file: Path, tiny_model_dir: Path):
+def faulty_run(data_file: Path, tiny_model_dir: Path):
     import tests.test_faults as this_module
     from simulations.run import simulate
 
     cloudpickle.register_pickle_by_value(this_module)  # Ray workers cannot import the tests package
-    clean = simulate(_config(data_file, tiny_model_dir, data_file.parent / "clean", round_timeout=600.0))
     faulty_dir = data_file.parent / "faulty"
     faulty = simulate(_config(data_file, tiny_model_dir, faulty_dir), client_mods=[Faults()])
-    return clean, faulty, faulty_dir
+    return faulty, faulty_dir
 
 
-def test_every_round_completes_and_the_model_stays_finite_and_accurate(clean_and_faulty) -> None:
-    clean, faulty, out = clean_and_faulty
+def test_every_round_completes_and_the_model_stays_finite_and_accurate(faulty_run) -> None:
+    faulty, out = faulty_run
     assert [r["round"] for r in faulty["rounds"]] == [0, 1, 2]
     for r in faulty["rounds"][1:]:
         assert r["train"] and math.isfinite(r["global"]["loss"])
     with np.load(out / "checkpoint" / "round-0002" / "weights.npz") as final:
         assert all(np.isfinite(final[k]).all() for k in final.files)
-    assert clean["final"]["accuracy"] >= 0.9  # the task is learnt, so a poisoned model would show
-    assert abs(faulty["final"]["accuracy"] - clean["final"]["accuracy"]) <= 0.1
-    assert faulty["final"]["loss"] == pytest.approx(clean["final"]["loss"], abs=0.25)
+    # The honest clients learn the task in two rounds (a run without faults: accuracy 1.0, loss 0.17; this
+    # one: 1.0, 0.23). One NaN or 1e6-norm update in the average would leave a useless or non-finite model.
+    assert faulty["final"]["accuracy"] >= 0.9
+    assert faulty["final"]["loss"] <= 0.45  # an untrained head: ln 2 = 0.69
 
 
-def test_results_list_every_fault_with_its_reason(clean_and_faulty) -> None:
-    clean, faulty, _ = clean_and_faulty
-    assert clean["faults"] == []
+def test_results_list_every_fault_with_its_reason(faulty_run) -> None:
+    faulty, _ = faulty_run
     by_round: dict[int, dict[str, str]] = {}
     for f in faulty["faults"]:
         assert f["phase"] == "train", f
@@ -120,13 +120,14 @@ def test_results_list_every_fault_with_its_reason(clean_and_faulty) -> None:
         assert "crashed on purpose" in faults[str(CRASHES)] and faults[str(CRASHES)].startswith("error:")
         assert "NaN" in faults[str(NANS)]
         assert "exceeds the bound" in faults[str(HUGE)]
-        assert faults[str(SILENT)] == "no reply by the deadline"
         # Nobody else is faulted, except that a slow machine may make an honest client miss the deadline.
         others = {c: why for c, why in faults.items() if c not in {str(x) for x in (CRASHES, NANS, HUGE, SILENT)}}
         assert set(others.values()) <= {"no reply by the deadline"}, others
         entry = faulty["rounds"][r]
         assert set(entry["rejected"]) == {str(NANS), str(HUGE)}
-        assert str(SILENT) in entry["dropped"]["train"]["stragglers"]
+        if r == SILENT_ROUND:  # in the other round it is honest (and, like anyone, may be slow)
+            assert faults[str(SILENT)] == "no reply by the deadline"
+            assert str(SILENT) in entry["dropped"]["train"]["stragglers"]
 
 
 def test_round_nobody_answers_stops_the_run_and_resume_finishes_it(data_file: Path, tiny_model_dir: Path) -> None:
