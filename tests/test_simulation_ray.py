@@ -1,4 +1,6 @@
-"""Ray under fedtune-simulate: loopback only, private files, no warnings; and a run on an existing Ray cluster."""
+"""Ray under fedtune-simulate: a private temp dir, `--ray-address`, a run on an existing two-node Ray cluster.
+
+The default run's listeners, file modes and output are checked on the README main job (tests/test_main_job.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,6 @@ import dataclasses
 import ipaddress
 import os
 import stat
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -141,53 +141,6 @@ def test_ray_address_is_a_setting_a_flag_and_a_toml_key(tmp_path: Path) -> None:
     assert ray_init_args(cfg, "unused")["address"] == "127.0.0.1:6379"
     local = ray_init_args(build_config({}, {}), "/tmp/x/ray")
     assert local["address"] == "local" and local["include_dashboard"] is False and local["_temp_dir"] == "/tmp/x/ray"
-
-
-def test_default_run_listens_on_loopback_only_keeps_its_files_private_and_prints_no_warning(
-    tmp_path: Path, tiny_model_dir: Path, data_csv: Path
-) -> None:
-    """The CLI as a user runs it; every socket of its process tree is checked while the run is under way."""
-    cli = Path(sys.executable).with_name("fedtune-simulate")
-    command = [str(cli)] if cli.exists() else [sys.executable, "-m", "simulations.cli"]
-    args = ["--clients", "2", "--rounds", "1", "--dataset", str(data_csv), "--labels", ",".join(TINY_LABELS)]
-    args += ["--model", str(tiny_model_dir), "--partitioning", "iid", "--batch-size", "16", "--out", str(tmp_path / "run")]
-    args += ["--cpus-per-client", "2"]  # one ClientApp actor on 2 cores: fewer processes to start
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # the CLI must set up Ray itself
-    log = tmp_path / "output.txt"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [*command, *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=Path(__file__).parents[1],
-            preexec_fn=lambda: os.umask(0o022),  # a usual login umask; the run's files must still be private
-        )
-    watch = Watch()
-    try:
-        with watching(proc.pid) as watch:
-            rc = proc.wait(timeout=600)
-    finally:
-        proc.kill()
-        leftovers = stop_all(set(watch.cmdlines))  # also when the run failed or hung
-    output = log.read_text()
-    assert rc == 0, output[-3000:]
-    seen = {x.process.split(".")[0] for x in watch.listeners}
-    # The watch saw the run's servers, clients included, while they were up...
-    assert {"gcs_server", "raylet", "ray::ClientAppActor"} <= seen, seen
-    # ...and none of them listened beyond loopback (with Ray's defaults, GCS, raylet, driver and workers bind *).
-    assert outside_loopback(watch) == []
-    gcs = next(c for c in watch.cmdlines.values() if Path(c[0]).name == "gcs_server")
-    log_dir = Path(next(a.split("=", 1)[1] for a in gcs if a.startswith("--log_dir=")))
-    private = next(p for p in log_dir.parents if p.name.startswith("fedtune-ray-"))  # not the shared /tmp/ray
-    assert not private.exists()  # removed after the run
-    assert all("--disable-frontend" in c for c in watch.cmdlines.values() if any("dashboard.py" in a for a in c))
-    assert "Warning" not in output and "WARNING" not in output, output[-3000:]
-    assert leftovers == []  # Ray stopped every process it started
-    written = list((tmp_path / "run").rglob("*"))
-    assert any(p.name == "results.json" for p in written) and any(p.name == "checkpoint" for p in written)
-    readable = [f"{p.name} {stat.filemode(p.stat().st_mode)}" for p in written if p.stat().st_mode & 0o077]
-    assert not readable, f"readable by group or others: {readable}"
 
 
 class RecordNode:
