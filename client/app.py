@@ -176,7 +176,7 @@ def handle_train(
     # train-seconds: local compute of the round (DP wiring included), for the coordinator's efficiency figures.
     metrics |= {wire.NUM_EXAMPLES: len(train), wire.TRAIN_LOSS: outcome.mean_loss, "train-seconds": time.perf_counter() - began}
     if cfg.privacy.enabled:
-        # The round spent what was projected (the accountant is ~0.3 s a call): recompute only if it did not.
+        # The round spent what was projected: recompute only if it did not (a new mechanism costs an accountant call).
         planned = plan is not None and outcome.history == history + plan.as_history()
         eps = after if planned else epsilon_spent(outcome.history, cfg.privacy.delta, cfg.privacy.accountant)
         metrics |= {wire.EPSILON: eps, **_history_metrics(outcome.history)}

@@ -68,8 +68,9 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 @functools.lru_cache(maxsize=1024)
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
     """Opacus' RDP of one sampled-Gaussian step at each of its default orders (steps compose by multiplication)."""
-    # Cached: the per-order series over fractional orders is ~0.3 s of pure Python per mechanism, and a client
-    # asks about the same (noise, rate) every round; k steps are then k times this vector, as in Opacus.
+    # Cached: the per-order series over fractional orders is pure Python (0.035 s for z=1.1, q=0.05, measured;
+    # up to ~0.3 s for others), and a client asks about the same (noise, rate) every round; k steps are then k
+    # times this vector, as in Opacus.
     from opacus.accountants.analysis.rdp import compute_rdp
     from opacus.accountants.rdp import RDPAccountant
 

@@ -44,7 +44,8 @@ class Reservation:
 
     @property
     def epsilon_before(self) -> float:
-        # Computed on demand: each accountant call is ~0.3 s, and a client's round needs only epsilon_after.
+        # Computed on demand: a new mechanism costs an accountant call (up to ~0.3 s);
+        # a client's round needs only epsilon_after.
         return epsilon_spent(self.history_before, self.delta, self.accountant)
 
 
