@@ -3,8 +3,8 @@
 Each configuration runs in its own process (clean peak memory): LoRA and full fine-tuning, without DP and
 with Opacus' grad-sample modes hooks (fedtune's default), functorch and ghost clipping.
 
-    python -m benchmarks.p1_dp_overhead                 # bundled MiniLM, batch 32, 64 tokens
-    python -m benchmarks.p1_dp_overhead --smoke --model DIR
+    python -m fedtune.benchmarks.p1_dp_overhead                 # bundled MiniLM, batch 32, 64 tokens
+    python -m fedtune.benchmarks.p1_dp_overhead --smoke --model DIR
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ LABELS = ("negative", "positive")
 
 def sentences(n: int) -> tuple[list[str], list[int]]:
     """n labelled sentences: SST-2's first rows when ../shared/data is there, else generated ones."""
-    from benchmarks.record import SHARED_DATA
+    from fedtune.benchmarks.record import SHARED_DATA
 
     path = SHARED_DATA / "sst2" / "train.tsv"
     if path.exists():
@@ -42,10 +42,10 @@ def measure(model_name: str, finetune: str, mode: str, batch_size: int, length: 
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from client.config import ModelSpec
-    from client.model import build_model, load_tokenizer
-    from client.train import forward
-    from privacy import make_private
+    from fedtune.client.config import ModelSpec
+    from fedtune.client.model import build_model, load_tokenizer
+    from fedtune.client.train import forward
+    from fedtune.privacy import make_private
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,7 +106,7 @@ def measure(model_name: str, finetune: str, mode: str, batch_size: int, length: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.p1_dp_overhead", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedtune.benchmarks.p1_dp_overhead", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm", help="minilm (bundled) or a local model directory")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(args.model, finetune, mode, args.batch_size, args.max_length, args.steps, args.warmup)))
         return 0
 
-    from benchmarks.record import RESULTS, write
+    from fedtune.benchmarks.record import RESULTS, write
 
     rows = []
     for finetune in ("lora", "full"):
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.smoke:  # in this process: quick, but the memory figures are not per configuration
                 rows.append(measure(args.model, finetune, mode, args.batch_size, args.max_length, args.steps, args.warmup))
                 continue
-            cmd = [sys.executable, "-m", "benchmarks.p1_dp_overhead", "--child", f"{finetune}:{mode}", "--model", args.model]
+            cmd = [sys.executable, "-m", "fedtune.benchmarks.p1_dp_overhead", "--child", f"{finetune}:{mode}"]
+            cmd += ["--model", args.model]
             cmd += ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])

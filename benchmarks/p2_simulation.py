@@ -3,8 +3,8 @@ for fedtune's workers (model, tokenizer and tokenised partitions cached per work
 of Flower's Hugging Face and Opacus examples (load the model, tokenise and build a PrivacyEngine in every call,
 and train each batch as one pass padded to its longest row).
 
-    python -m benchmarks.p2_simulation                     # 100 clients x 2 rounds, SST-2 rows, MiniLM + LoRA, DP
-    python -m benchmarks.p2_simulation --smoke --model DIR --data FILE
+    python -m fedtune.benchmarks.p2_simulation                     # 100 clients x 2 rounds, SST-2 rows, MiniLM + LoRA, DP
+    python -m fedtune.benchmarks.p2_simulation --smoke --model DIR --data FILE
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sst2 import LABELS
+from fedtune.benchmarks.sst2 import LABELS
 
 
 class Timing:
@@ -31,12 +31,12 @@ class Timing:
         if msg.metadata.message_type != "train":
             return call_next(msg, context)
         if self.naive:
-            import client.app
-            import client.model
+            import fedtune.client.app
+            import fedtune.client.model
 
-            client.app._ENCODED.clear()
-            client.model._pristine_model.cache_clear()
-            client.model.load_tokenizer.cache_clear()
+            fedtune.client.app._ENCODED.clear()
+            fedtune.client.model._pristine_model.cache_clear()
+            fedtune.client.model.load_tokenizer.cache_clear()
         began = time.perf_counter()
         reply = call_next(msg, context)
         if not reply.has_error():
@@ -47,9 +47,9 @@ class Timing:
 def run(pattern: str, data: Path, model: str, clients: int, rounds: int, cpus: float, out: Path) -> dict[str, Any]:
     import cloudpickle
 
-    import benchmarks.p2_simulation as this_module
-    from simulations.config import build_config
-    from simulations.run import simulate
+    import fedtune.benchmarks.p2_simulation as this_module
+    from fedtune.simulations.config import build_config
+    from fedtune.simulations.run import simulate
 
     cloudpickle.register_pickle_by_value(this_module)  # Ray workers receive the mod by value
     cfg = build_config(
@@ -92,10 +92,10 @@ def run(pattern: str, data: Path, model: str, clients: int, rounds: int, cpus: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.record import RESULTS, write
-    from benchmarks.sst2 import sst2_csv, sst2_present
+    from fedtune.benchmarks.record import RESULTS, write
+    from fedtune.benchmarks.sst2 import sst2_csv, sst2_present
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.p2_simulation", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedtune.benchmarks.p2_simulation", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm", help="minilm (bundled) or a local model directory")
     p.add_argument("--data", type=Path, help="a text,label CSV (default: the first --rows rows of SST-2 train)")
     p.add_argument("--rows", type=int, default=6000)

@@ -2,8 +2,8 @@
 virtual clients (10% sampled per round, 10 SST-2 rows each, MiniLM + LoRA, DP), plus 5000 clients with the
 same 100 sampled as at 1000, which separates the cost of sampled clients from the cost of total clients.
 
-    python -m benchmarks.p3_scale                  # 100, 1000, 5000 clients (10%) and 5000 (2%), 2 rounds each
-    python -m benchmarks.p3_scale --smoke --model DIR --data FILE
+    python -m fedtune.benchmarks.p3_scale                  # 100, 1000, 5000 clients (10%) and 5000 (2%), 2 rounds each
+    python -m fedtune.benchmarks.p3_scale --smoke --model DIR --data FILE
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.sst2 import LABELS
+from fedtune.benchmarks.sst2 import LABELS
 
 SCALES = ((100, 0.1), (1000, 0.1), (5000, 0.1), (5000, 0.02))  # (total clients, fraction sampled per round)
 
@@ -44,8 +44,8 @@ def one(
     clients: int, fraction: float, rows_per_client: int, rounds: int, model: str, data: Path, test: Path, out: Path
 ) -> dict[str, Any]:
     """One federation, in this process (the parent measures its tree)."""
-    from simulations.config import build_config
-    from simulations.run import simulate
+    from fedtune.simulations.config import build_config
+    from fedtune.simulations.run import simulate
 
     cfg = build_config(
         {},
@@ -84,13 +84,13 @@ def measure(clients: int, fraction: float, args: argparse.Namespace, work: Path)
     """Run `one` in a child process and sample its process tree's memory every half second."""
     data = work / f"train-{clients}.csv"
     if args.data is None:
-        from benchmarks.sst2 import sst2_csv
+        from fedtune.benchmarks.sst2 import sst2_csv
 
         sst2_csv("train", data, clients * args.rows_per_client)
     else:
         data = args.data
     row_file = work / f"row-{clients}-{fraction}.json"
-    cmd = [sys.executable, "-m", "benchmarks.p3_scale", "--one", str(clients), str(fraction), "--json", str(row_file),
+    cmd = [sys.executable, "-m", "fedtune.benchmarks.p3_scale", "--one", str(clients), str(fraction), "--json", str(row_file),
            "--model", args.model, "--rounds", str(args.rounds), "--rows-per-client", str(args.rows_per_client),
            "--data", str(data), "--test", str(args.test), "--work", str(work / f"run-{clients}-{fraction}")]  # fmt: skip
     began = time.perf_counter()
@@ -113,10 +113,10 @@ def measure(clients: int, fraction: float, args: argparse.Namespace, work: Path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.record import RESULTS, write
-    from benchmarks.sst2 import SST2, sst2_csv, sst2_present
+    from fedtune.benchmarks.record import RESULTS, write
+    from fedtune.benchmarks.sst2 import SST2, sst2_csv, sst2_present
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.p3_scale", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedtune.benchmarks.p3_scale", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm", help="minilm (bundled) or a local model directory")
     p.add_argument("--data", type=Path, help="a text,label CSV for the clients (default: SST-2 train rows)")
     p.add_argument("--test", type=Path, help="a text,label CSV for the central evaluation (default: SST-2 dev)")

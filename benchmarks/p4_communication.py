@@ -3,8 +3,8 @@
 Sizes are those of Flower's serialised messages (the protobuf gRPC carries, before TLS framing). The LoRA
 update is a real one: a round of DP-SGD on SST-2 rows (or generated ones), so the 8-bit error is realistic.
 
-    python -m benchmarks.p4_communication
-    python -m benchmarks.p4_communication --smoke --model DIR
+    python -m fedtune.benchmarks.p4_communication
+    python -m fedtune.benchmarks.p4_communication --smoke --model DIR
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ def trained_update(model_name: str, lora: bool, rows: int, max_length: int) -> t
     """(global weights, weights after one round of DP-SGD) as numpy arrays."""
     import datasets
 
-    from benchmarks.p1_dp_overhead import sentences
-    from client.config import ClientConfig, ModelSpec, TrainSpec
-    from client.model import build_model, load_tokenizer, trainable_state
-    from client.train import encode, plan_round, train_round
+    from fedtune.benchmarks.p1_dp_overhead import sentences
+    from fedtune.client.config import ClientConfig, ModelSpec, TrainSpec
+    from fedtune.client.model import build_model, load_tokenizer, trainable_state
+    from fedtune.client.train import encode, plan_round, train_round
 
     cfg = ClientConfig(
         labels=LABELS,
@@ -55,9 +55,9 @@ def trained_update(model_name: str, lora: bool, rows: int, max_length: int) -> t
 def measure(model_name: str, rows: int, max_length: int) -> list[dict[str, Any]]:
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
-    from client.config import ModelSpec
-    from client.model import build_model, trainable_state
-    from privacy.update_codec import quantize
+    from fedtune.client.config import ModelSpec
+    from fedtune.client.model import build_model, trainable_state
+    from fedtune.privacy.update_codec import quantize
 
     config = ConfigRecord({"server-round": 1, "num-rounds": 5, "proximal-mu": 0.0, "update-encoding": "float32"})
     # What a client reports with its update (privacy report included): small next to any weights.
@@ -102,7 +102,7 @@ def measure(model_name: str, rows: int, max_length: int) -> list[dict[str, Any]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.p4_communication", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedtune.benchmarks.p4_communication", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm", help="minilm (bundled) or a local model directory")
     p.add_argument("--rows", type=int, default=256, help="rows of the one DP-SGD round that makes the LoRA update")
     p.add_argument("--max-length", type=int, default=64)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.rows = 16
-    from benchmarks.record import RESULTS, write
+    from fedtune.benchmarks.record import RESULTS, write
 
     rows = measure(args.model, args.rows, args.max_length)
     meta = {"model": args.model, "rows": args.rows, "max_length": args.max_length,

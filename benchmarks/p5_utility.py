@@ -4,8 +4,8 @@ Centralised training is the same code with one data holder that has all the rows
 the rows among 10 clients (Dirichlet alpha 0.5 over the labels). Every run passes over the training rows the
 same number of times (one local epoch per round), and is evaluated on SST-2's dev set after every round.
 
-    python -m benchmarks.p5_utility                # 16000 train rows, 3 epochs/rounds, 5 settings (~40 min, 2 cores)
-    python -m benchmarks.p5_utility --smoke --model DIR --data FILE --test FILE
+    python -m fedtune.benchmarks.p5_utility                # 16000 train rows, 3 epochs/rounds, 5 settings (~40 min, 2 cores)
+    python -m fedtune.benchmarks.p5_utility --smoke --model DIR --data FILE --test FILE
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sst2 import LABELS
+from fedtune.benchmarks.sst2 import LABELS
 
 # (name, clients, DP, target epsilon)
 SETTINGS = (
@@ -30,8 +30,8 @@ SETTINGS = (
 
 
 def run(setting: tuple, args: argparse.Namespace, data: Path, test: Path, out: Path) -> dict[str, Any]:
-    from simulations.config import build_config
-    from simulations.run import simulate
+    from fedtune.simulations.config import build_config
+    from fedtune.simulations.run import simulate
 
     name, clients, dp, epsilon = setting
     cfg = build_config(
@@ -102,10 +102,10 @@ def plot(rows: list[dict[str, Any]], path: Path, majority: float) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.record import RESULTS, write
-    from benchmarks.sst2 import SST2, sst2_csv, sst2_present
+    from fedtune.benchmarks.record import RESULTS, write
+    from fedtune.benchmarks.sst2 import SST2, sst2_csv, sst2_present
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.p5_utility", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedtune.benchmarks.p5_utility", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm", help="minilm (bundled) or a local model directory")
     p.add_argument("--data", type=Path, help="training rows, a text,label CSV (default: the first --rows of SST-2 train)")
     p.add_argument("--test", type=Path, help="evaluation rows, a text,label CSV (default: SST-2 dev)")

@@ -4,9 +4,9 @@ Real processes on 127.0.0.1 as the README starts them (a TLS coordinator with no
 the bundled MiniLM with LoRA under DP-SGD. `--code DIR` runs the coordinator and clients from another checkout
 (e.g. a `git worktree` of an older commit) to measure before/after on the same machine.
 
-    python -m benchmarks.p6_deploy_overhead                               # 3 clients x 4 rounds, MiniLM
-    python -m benchmarks.p6_deploy_overhead --code /tmp/old --label before
-    python -m benchmarks.p6_deploy_overhead --smoke --model DIR           # tiny model, 2 clients x 2 rounds
+    python -m fedtune.benchmarks.p6_deploy_overhead                               # 3 clients x 4 rounds, MiniLM
+    python -m fedtune.benchmarks.p6_deploy_overhead --code /tmp/old --label before
+    python -m fedtune.benchmarks.p6_deploy_overhead --smoke --model DIR           # tiny model, 2 clients x 2 rounds
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.record import RESULTS, write
+from fedtune.benchmarks.record import RESULTS, write
 
 BIN = Path(sys.executable).parent
 POSITIVE = ["good", "great", "lovely", "happy", "excellent", "nice", "wonderful", "superb"]
@@ -109,7 +109,7 @@ def fixed_costs(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.p6_deploy_overhead", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedtune.benchmarks.p6_deploy_overhead", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm", help="model name or folder (default: the bundled MiniLM)")
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=4)

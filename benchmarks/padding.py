@@ -1,10 +1,10 @@
-"""Length-grouped passes: wall time of one local round (client.train.train_round) on real SST-2 rows when each
+"""Length-grouped passes: wall time of one local round (fedtune.client.train.train_round) on real SST-2 rows when each
 sampled batch runs as one pass padded to its longest row, versus length-sorted passes of 16, 32 or 64 rows.
 
 The lever behind P2 and P5: SST-2 rows average ~13 tokens, but a batch of 128 pads every row to its longest.
 
-    python -m benchmarks.padding                   # 512 SST-2 rows, batch 128, MiniLM + LoRA, DP and non-DP
-    python -m benchmarks.padding --smoke --model DIR
+    python -m fedtune.benchmarks.padding                   # 512 SST-2 rows, batch 128, MiniLM + LoRA, DP and non-DP
+    python -m fedtune.benchmarks.padding --smoke --model DIR
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ def measure(model: str, rows: int, batch_size: int, dp: bool, physical: int, rep
     import datasets
     import torch
 
-    from benchmarks.p1_dp_overhead import sentences
-    from benchmarks.sst2 import LABELS
-    from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
-    from client.model import build_model, load_tokenizer
-    from client.train import encode, length_grouped, make_loader, plan_round, train_round
+    from fedtune.benchmarks.p1_dp_overhead import sentences
+    from fedtune.benchmarks.sst2 import LABELS
+    from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
+    from fedtune.client.model import build_model, load_tokenizer
+    from fedtune.client.train import encode, length_grouped, make_loader, plan_round, train_round
 
     cfg = ClientConfig(
         labels=LABELS,
@@ -61,9 +61,9 @@ def measure(model: str, rows: int, batch_size: int, dp: bool, physical: int, rep
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.record import RESULTS, write
+    from fedtune.benchmarks.record import RESULTS, write
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.padding", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedtune.benchmarks.padding", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm", help="minilm (bundled) or a local model directory")
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=128)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup_vs_one_pass"] = base["round_s"] / row["round_s"]
     meta = {"model": args.model, "rows": args.rows, "batch_size": args.batch_size, "lora": True,
             "data": "SST-2 train, first rows (generated sentences when ../shared/data is absent)",
-            "round_s": f"fastest of {args.repeats} local rounds (client.train.train_round), after a warm-up round"}  # fmt: skip
+            "round_s": f"fastest of {args.repeats} local rounds (train_round), after a warm-up round"}  # fmt: skip
     write("Length-grouped passes", rows, args.out or RESULTS / "padding.json", meta)
     return 0
 

@@ -6,7 +6,7 @@ import csv
 import sys
 from pathlib import Path
 
-from benchmarks.record import SHARED_DATA
+from fedtune.benchmarks.record import SHARED_DATA
 
 SST2 = SHARED_DATA / "sst2"
 LABELS = ("negative", "positive")  # label ids 0 and 1 of the GLUE files

@@ -13,14 +13,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client import wire
-from client.config import ClientConfig
-from client.evaluate import evaluate
-from client.model import build_model, load_tokenizer, load_trainable_state, trainable_state
-from client.train import Encoded, encode, plan_round, projected_epsilon, round_lr_scale, train_round
-from privacy import History, epsilon_spent
-from privacy.ledger import Ledger, fingerprint_rows
-from privacy.update_codec import quantize
+from fedtune.client import wire
+from fedtune.client.config import ClientConfig
+from fedtune.client.evaluate import evaluate
+from fedtune.client.model import build_model, load_tokenizer, load_trainable_state, trainable_state
+from fedtune.client.train import Encoded, encode, plan_round, projected_epsilon, round_lr_scale, train_round
+from fedtune.privacy import History, epsilon_spent
+from fedtune.privacy.ledger import Ledger, fingerprint_rows
+from fedtune.privacy.update_codec import quantize
 
 log = logging.getLogger("fedtune.client")
 

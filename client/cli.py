@@ -57,7 +57,7 @@ def show_budget(args: argparse.Namespace, console: Console) -> int:
 
     from rich.table import Table
 
-    from privacy.ledger import Ledger
+    from fedtune.privacy.ledger import Ledger
 
     path = args.ledger or args.home / "ledger.json"
     if not path.exists():
@@ -82,7 +82,7 @@ def show_budget(args: argparse.Namespace, console: Console) -> int:
 
 
 def keygen(args: argparse.Namespace, console: Console) -> int:
-    from privacy.certs import key_fingerprint, load_node_public_key, make_node_keys
+    from fedtune.privacy.certs import key_fingerprint, load_node_public_key, make_node_keys
 
     if (args.out / "node.key").exists() and not args.force:
         console.print(f"fedtune-client: {args.out / 'node.key'} already exists; keeping it (use --force to replace)")
@@ -97,10 +97,10 @@ def keygen(args: argparse.Namespace, console: Console) -> int:
 def start(args: argparse.Namespace, console: Console) -> int:
     import datasets
 
-    from client.config import PrivacySpec
-    from client.data import load_examples
-    from client.supernode import NodeSettings, check_files, run_supernode
-    from privacy.ledger import Ledger, fingerprint_rows
+    from fedtune.client.config import PrivacySpec
+    from fedtune.client.data import load_examples
+    from fedtune.client.supernode import NodeSettings, check_files, run_supernode
+    from fedtune.privacy.ledger import Ledger, fingerprint_rows
 
     if args.ca is None and not args.insecure:
         raise ValueError("--ca is required (the coordinator's ca.pem); only --insecure runs without it")
@@ -164,11 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     args = parser().parse_args(argv)
     console = Console(stderr=True)
-    from client.config import ConfigError
-    from client.data import DataError
-    from client.supernode import ClientStartError
-    from privacy.certs import CertificateError
-    from privacy.ledger import LedgerError
+    from fedtune.client.config import ConfigError
+    from fedtune.client.data import DataError
+    from fedtune.client.supernode import ClientStartError
+    from fedtune.privacy.certs import CertificateError
+    from fedtune.privacy.ledger import LedgerError
 
     try:
         commands = {"keygen": keygen, "start": start, "budget": show_budget}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from privacy import ACCOUNTANTS
+from fedtune.privacy import ACCOUNTANTS
 
 if TYPE_CHECKING:
     import torch

@@ -10,10 +10,10 @@ import datasets
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import wire
-from client.app import handle_evaluate, handle_train
-from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
-from client.data import load_examples
+from fedtune.client import wire
+from fedtune.client.app import handle_evaluate, handle_train
+from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
+from fedtune.client.data import load_examples
 
 # The run (chosen by the coordinator) fixes what is trained and how; the node (the data holder's own
 # `fedtune-client start` flags) fixes which file is read and how much privacy may be spent.

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from client.train import Encoded, forward, make_loader
+from fedtune.client.train import Encoded, forward, make_loader
 
 
 @torch.no_grad()

@@ -17,9 +17,9 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from client import pooling
-from client.config import DEFAULT_MODEL, ModelSpec
-from client.pooling import MeanPooler, use_mean_pooling
+from fedtune.client import pooling
+from fedtune.client.config import DEFAULT_MODEL, ModelSpec
+from fedtune.client.pooling import MeanPooler, use_mean_pooling
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -48,7 +48,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from client.trusted_app import refusal
+from fedtune.client.trusted_app import refusal
 
 log = logging.getLogger("fedtune.client")
 
@@ -179,7 +179,7 @@ def _heartbeat(client: RuntimeHttpClient, stop: threading.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.runtime", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedtune.client.runtime", description=__doc__.splitlines()[0])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (127.0.0.1:PORT)")
     p.add_argument("--secret-file", type=Path, required=True, help="the SuperExec secret shared with the SuperNode")
     p.add_argument("--parent-pid", type=int, help="exit when this process (fedtune-client start) exits")
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         start_parent_process_monitor(args.parent_pid)
     import datasets
 
-    from client.deploy import app  # fedtune's own ClientApp, from this installation
+    from fedtune.client.deploy import app  # fedtune's own ClientApp, from this installation
 
     datasets.disable_progress_bars()  # reading the node's own file is quick; a bar per split is noise in its log
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from privacy.certs import key_fingerprint, load_certificate, load_node_private_key
+from fedtune.privacy.certs import key_fingerprint, load_certificate, load_node_private_key
 
 # Flower prints these when a SuperNode cannot join (exit code 305); the data holder gets one sentence instead.
 _FAILURES: list[tuple[str, str]] = [
@@ -69,7 +69,7 @@ def node_config_arg(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 
-RUNTIME_SECRET = "runtime.secret"  # shared by the SuperNode and client.runtime; without it a local user could take tasks
+RUNTIME_SECRET = "runtime.secret"  # shared by the SuperNode and fedtune.client.runtime; without it a local user could take tasks
 
 
 def runtime_command(settings: NodeSettings) -> list[str]:
@@ -77,7 +77,7 @@ def runtime_command(settings: NodeSettings) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "client.runtime",
+        "fedtune.client.runtime",
         "--runtime-api-address",
         f"127.0.0.1:{settings.runtime_port}",
         "--secret-file",
@@ -107,14 +107,14 @@ def supernode_command(settings: NodeSettings) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
-        "client.flower_node",  # Flower's SuperNode, polling promptly during a run (see that module)
+        "fedtune.client.flower_node",  # Flower's SuperNode, polling promptly during a run (see that module)
         "--superlink",
         settings.coordinator,
         "--node-config",
         node_config_arg(settings.node_config),
         "--port",
         str(settings.runtime_port),
-        # No Flower executor here: client.runtime serves the Runtime API with fedtune's installed ClientApp.
+        # No Flower executor here: fedtune.client.runtime serves the Runtime API with fedtune's installed ClientApp.
         "--isolation",
         "process",
         "--superexec-auth-secret-file",

@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from client.config import ClientConfig
-from client.model import is_head_parameter
-from privacy import History, calibrate_noise, epsilon_spent, make_private
+from fedtune.client.config import ClientConfig
+from fedtune.client.model import is_head_parameter
+from fedtune.privacy import History, calibrate_noise, epsilon_spent, make_private
 
 Encoded = list[dict[str, list[int] | int]]
 

@@ -13,8 +13,8 @@ PROTOCOL_VERSION = 1
 PROTOCOL_KEY = "fedtune-protocol"
 PUBLISHER = "fedtune"
 APP_NAME = "fedtune"
-SERVERAPP = "coordinator.deploy:app"
-CLIENTAPP = "client.deploy:app"
+SERVERAPP = "fedtune.coordinator.deploy:app"
+CLIENTAPP = "fedtune.client.deploy:app"
 # A FAB made by write_pyproject holds its pyproject and Flower's manifest, nothing else: no code can ride along.
 ALLOWED_FILES = frozenset({"pyproject.toml", ".info/CONTENT"})
 

@@ -11,9 +11,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.superlink.grid import InMemoryGrid
 
-from client.model import build_model, export_model, load_tokenizer, load_trainable_state, trainable_state
-from client.wire import node_client_id
-from coordinator.checkpoint import (
+from fedtune.client.model import build_model, export_model, load_tokenizer, load_trainable_state, trainable_state
+from fedtune.client.wire import node_client_id
+from fedtune.coordinator.checkpoint import (
     Checkpoint,
     CheckpointError,
     check_settings,
@@ -22,10 +22,10 @@ from coordinator.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from coordinator.config import CoordinatorConfig
-from coordinator.report import RunRecorder, write_json_atomic
-from coordinator.rounds import JoinTimeout, RoundFailed, RoundHooks, RoundPolicy, run_rounds, wait_for_clients
-from coordinator.strategy import PrivacyTracking, build_strategy, client_level_epsilon, sampled_per_round
+from fedtune.coordinator.config import CoordinatorConfig
+from fedtune.coordinator.report import RunRecorder, write_json_atomic
+from fedtune.coordinator.rounds import JoinTimeout, RoundFailed, RoundHooks, RoundPolicy, run_rounds, wait_for_clients
+from fedtune.coordinator.strategy import PrivacyTracking, build_strategy, client_level_epsilon, sampled_per_round
 
 # Central evaluation: given the global model, return metrics such as accuracy, macro-f1 and loss.
 Evaluator = Callable[[torch.nn.Module], dict[str, Any]]

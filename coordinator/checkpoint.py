@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from coordinator.rounds import strategy_chain
+from fedtune.coordinator.rounds import strategy_chain
 
 # Strategy attributes that carry state from round to round: the server optimiser's moments of the
 # FedOpt family (FedAdam: m_t, v_t). FedAvg, FedProx and the robust strategies keep none.

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-from coordinator.config import CoordinatorConfigError
-from coordinator.service_config import DEFAULT_PORT, ServiceConfig, read_service_config
-from privacy.certs import CertificateError
+from fedtune.coordinator.config import CoordinatorConfigError
+from fedtune.coordinator.service_config import DEFAULT_PORT, ServiceConfig, read_service_config
+from fedtune.privacy.certs import CertificateError
 
 DEFAULT_CONFIG = Path("coord/coordinator.toml")
 
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     args = parser().parse_args(argv)
     console = Console(stderr=True)
-    from coordinator.registry import RegistryError
-    from coordinator.service import ServiceError
+    from fedtune.coordinator.registry import RegistryError
+    from fedtune.coordinator.service import ServiceError
 
     # SIGTERM (a service manager, a test) must unwind like Ctrl-C so the SuperLink is stopped with us.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -88,7 +88,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
-    from coordinator import service
+    from fedtune.coordinator import service
 
     if args.command == "init":
         labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.model import ModelSpec
-from privacy.update_codec import ENCODINGS
+from fedtune.client.model import ModelSpec
+from fedtune.privacy.update_codec import ENCODINGS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 

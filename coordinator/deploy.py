@@ -9,9 +9,9 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.model import ModelSpec
-from coordinator.app import federate
-from coordinator.config import CoordinatorConfig
+from fedtune.client.model import ModelSpec
+from fedtune.coordinator.app import federate
+from fedtune.coordinator.config import CoordinatorConfig
 
 
 def config_from_run(run_config: dict[str, Any]) -> tuple[CoordinatorConfig, int]:

@@ -71,7 +71,7 @@ def build_app(upstream: str, ca: Path | None) -> Starlette:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coordinator.fleet_gateway", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fedtune.coordinator.fleet_gateway", description=__doc__.splitlines()[0])
     p.add_argument("--host", required=True, help="address to listen on (the coordinator's public address)")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True, help="the SuperLink on loopback, e.g. https://127.0.0.1:PORT")

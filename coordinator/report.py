@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from client.wire import node_client_id
+from fedtune.client.wire import node_client_id
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client.supernode import write_secret
-from client.trusted_app import app_pyproject
-from coordinator.registry import (
+from fedtune.client.supernode import write_secret
+from fedtune.client.trusted_app import app_pyproject
+from fedtune.coordinator.registry import (
     UNREGISTERED,
     ControlHttpClient,
     RegistryError,
@@ -29,8 +29,8 @@ from coordinator.registry import (
     reconcile,
     superlink_nodes,
 )
-from coordinator.service_config import ServiceConfig
-from privacy.certs import (
+from fedtune.coordinator.service_config import ServiceConfig
+from fedtune.privacy.certs import (
     CertificateError,
     key_fingerprint,
     load_certificate,
@@ -258,7 +258,7 @@ def start_superlink(cfg: ServiceConfig, echo: Callable[[str], None] = print) -> 
         superexec = [_bin("flower-superexec"), "--runtime-api-address", f"127.0.0.1:{internal}", *tls_args]
         superexec += ["--superexec-auth-secret-file", str(secret)]
         superexec_proc = subprocess.Popen(superexec, **popen, process_group=proc.pid)
-        gateway = [sys.executable, "-m", "coordinator.fleet_gateway", "--host", cfg.listen, "--port", str(cfg.port)]
+        gateway = [sys.executable, "-m", "fedtune.coordinator.fleet_gateway", "--host", cfg.listen, "--port", str(cfg.port)]
         if cfg.insecure:
             gateway += ["--insecure", "--upstream", f"http://127.0.0.1:{internal}"]
         else:
@@ -397,7 +397,7 @@ def check_resumable(run_dir: Path) -> int:
 
 
 def _stopped_reason(out_dir: Path) -> str | None:
-    from coordinator.app import STOPPED_FILE
+    from fedtune.coordinator.app import STOPPED_FILE
 
     try:
         return str(json.loads((out_dir / STOPPED_FILE).read_text())["reason"])

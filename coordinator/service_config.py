@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.config import STRATEGIES, CoordinatorConfigError
+from fedtune.coordinator.config import STRATEGIES, CoordinatorConfigError
 
 DEFAULT_PORT = 9443
 

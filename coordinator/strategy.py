@@ -19,11 +19,11 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from client import wire
-from coordinator.config import CoordinatorConfig
-from coordinator.validation import update_problem
-from privacy import epsilon_spent
-from privacy.update_codec import UpdateCodecError, dequantize
+from fedtune.client import wire
+from fedtune.coordinator.config import CoordinatorConfig
+from fedtune.coordinator.validation import update_problem
+from fedtune.privacy import epsilon_spent
+from fedtune.privacy.update_codec import UpdateCodecError, dequantize
 
 ClientReport = dict[str, float]
 # Called once per round with each replying client's id and its train metrics (epsilon, declined, ...).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from privacy.accounting import (
+from fedtune.privacy.accounting import (
     ACCOUNTANTS,
     History,
     PrivacyBudgetError,
@@ -17,10 +17,10 @@ def __getattr__(name: str) -> Any:
     # make_private needs torch and Opacus; loading them on first use keeps `import privacy` light for the
     # CLIs and certificate/ledger work (PEP 562 module attribute).
     if name == "make_private":
-        from privacy.dp_sgd import make_private
+        from fedtune.privacy.dp_sgd import make_private
 
         return make_private
-    raise AttributeError(f"module 'privacy' has no attribute {name!r}")
+    raise AttributeError(f"module 'fedtune.privacy' has no attribute {name!r}")
 
 
 __all__ = [

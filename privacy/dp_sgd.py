@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader
 
-from privacy.accounting import History, opacus_imported_quietly
+from fedtune.privacy.accounting import History, opacus_imported_quietly
 
 with opacus_imported_quietly():
     from opacus import PrivacyEngine

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import History, epsilon_spent
+from fedtune.privacy.accounting import History, epsilon_spent
 
 UNIT = "example"  # sample-level DP-SGD: one row of the data file is what is protected
 

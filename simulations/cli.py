@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from simulations.config import FIELDS, SimulationConfigError, build_config, read_run_settings, read_toml
+from fedtune.simulations.config import FIELDS, SimulationConfigError, build_config, read_run_settings, read_toml
 
 # flag -> (config field, type, help); every field is also settable in the TOML file.
 FLAGS: list[tuple[str, str, Any, str]] = [
@@ -156,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     console = Console(stderr=True)
     try:
-        from client.config import ConfigError
-        from client.data import DataError
-        from client.model import ModelError
-        from coordinator.checkpoint import CheckpointError
-        from coordinator.config import CoordinatorConfigError
-        from privacy import PrivacyBudgetError
-        from simulations.run import FederationStopped, simulate
+        from fedtune.client.config import ConfigError
+        from fedtune.client.data import DataError
+        from fedtune.client.model import ModelError
+        from fedtune.coordinator.checkpoint import CheckpointError
+        from fedtune.coordinator.config import CoordinatorConfigError
+        from fedtune.privacy import PrivacyBudgetError
+        from fedtune.simulations.run import FederationStopped, simulate
 
         resume = args.pop("resume", None)
         if resume is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.config import DEFAULT_MODEL
+from fedtune.client.config import DEFAULT_MODEL
 
 
 class SimulationConfigError(ValueError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
 
-from client.data import DataError, infer_labels, load_examples, to_examples
+from fedtune.client.data import DataError, infer_labels, load_examples, to_examples
 
 EMBEDDED = "vader"
 PARTITIONINGS = ("iid", "dirichlet", "shard")

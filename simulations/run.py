@@ -21,17 +21,17 @@ from flwr.clientapp.typing import Mod
 from rich.console import Console
 from rich.panel import Panel
 
-from client.app import make_client_app
-from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
-from client.evaluate import evaluate
-from client.model import load_tokenizer
-from client.train import encode
-from coordinator.app import make_server_app, resume_settings
-from coordinator.checkpoint import CheckpointError, check_settings, load_checkpoint
-from coordinator.config import CoordinatorConfig
-from coordinator.rounds import JoinTimeout, RoundFailed
-from simulations.config import SimulationConfig, SimulationConfigError
-from simulations.datasets import DataSpec, PartitionData, split
+from fedtune.client.app import make_client_app
+from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
+from fedtune.client.evaluate import evaluate
+from fedtune.client.model import load_tokenizer
+from fedtune.client.train import encode
+from fedtune.coordinator.app import make_server_app, resume_settings
+from fedtune.coordinator.checkpoint import CheckpointError, check_settings, load_checkpoint
+from fedtune.coordinator.config import CoordinatorConfig
+from fedtune.coordinator.rounds import JoinTimeout, RoundFailed
+from fedtune.simulations.config import SimulationConfig, SimulationConfigError
+from fedtune.simulations.datasets import DataSpec, PartitionData, split
 
 T = TypeVar("T")
 
@@ -147,7 +147,7 @@ def simulate(
     os.environ.update(ray_environment())  # before Ray is imported: it reads some of them only then
     from flwr.simulation import run_simulation  # heavy import (Ray); only when a run starts
 
-    from simulations import dispatch
+    from fedtune.simulations import dispatch
 
     dispatch.install()  # rounds then cost what the sampled clients cost, not what all clients do
 

@@ -18,7 +18,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from client.model import load_tokenizer
+    from fedtune.client.model import load_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = load_tokenizer("minilm")

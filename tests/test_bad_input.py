@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import main as client_main
-from coordinator.cli import main as coordinator_main
-from simulations.cli import main as simulate_main
+from fedtune.client.cli import main as client_main
+from fedtune.coordinator.cli import main as coordinator_main
+from fedtune.simulations.cli import main as simulate_main
 
 Setup = Callable[[Path], list[str]]
 

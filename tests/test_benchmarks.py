@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def test_p1_dp_overhead_smoke(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from benchmarks.p1_dp_overhead import MODES, main
+    from fedtune.benchmarks.p1_dp_overhead import MODES, main
 
     out = tmp_path / "p1.json"
     assert main(["--smoke", "--model", str(tiny_model_dir), "--batch-size", "8", "--max-length", "16", "--out", str(out)]) == 0
@@ -22,7 +22,7 @@ def test_p1_dp_overhead_smoke(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_p4_communication_smoke(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from benchmarks.p4_communication import main
+    from fedtune.benchmarks.p4_communication import main
 
     out = tmp_path / "p4.json"
     assert main(["--smoke", "--model", str(tiny_model_dir), "--max-length", "16", "--out", str(out)]) == 0

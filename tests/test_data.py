@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from client.data import DataError, load_examples
+from fedtune.client.data import DataError, load_examples
 
 LABELS = ("negative", "positive")
 
@@ -96,7 +96,7 @@ def test_cli_reports_bad_data_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "latin1.csv"
     path.write_bytes("text,label\ncaf\xe9,positive\n".encode("latin-1"))
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "--dataset", str(path), "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "fedtune.simulations.cli", "--dataset", str(path), "--out", str(tmp_path / "run")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -108,7 +108,7 @@ def test_cli_reports_bad_data_without_traceback(tmp_path: Path) -> None:
 
 
 def test_simulation_evaluates_on_a_separate_test_file(write_csv) -> None:
-    from simulations.datasets import DataSpec, split
+    from fedtune.simulations.datasets import DataSpec, split
     from tests.conftest import sentiment_rows
 
     train = write_csv(sentiment_rows(40), "train.csv")

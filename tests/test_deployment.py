@@ -96,7 +96,7 @@ def write_data(path: Path, n: int, offset: int) -> Path:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
-    from coordinator.service_config import read_service_config
+    from fedtune.coordinator.service_config import read_service_config
 
     base = tmp_path_factory.mktemp("deploy")
     port = free_port()
@@ -218,7 +218,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
 
 def _admitted(flwr_home: Path) -> dict:
     """The nodes the SuperLink admits, asked through the operator's own (loopback) connection."""
-    from coordinator.registry import control_client, superlink_nodes
+    from fedtune.coordinator.registry import control_client, superlink_nodes
 
     client = control_client(flwr_home, "fedtune")
     try:
@@ -246,7 +246,7 @@ def wait_until_ready(coordinator: subprocess.Popen, log: Path, timeout: float = 
 
 
 def _other_ca(base: Path) -> Path:
-    from privacy.certs import make_ca
+    from fedtune.privacy.certs import make_ca
 
     return make_ca(base / "other-ca")[0]
 
@@ -395,7 +395,7 @@ def two_hosts():
 
 
 def test_client_joins_over_a_non_loopback_address(two_hosts, tmp_path: Path, tiny_model_dir: Path) -> None:
-    from coordinator.service_config import read_service_config
+    from fedtune.coordinator.service_config import read_service_config
 
     coord_ns, client_ns = two_hosts
     in_ns = lambda ns, *args: ["ip", "netns", "exec", ns, str(BIN / args[0]), *args[1:]]  # noqa: E731
@@ -472,7 +472,7 @@ def test_client_supervisor_loads_neither_torch_nor_opacus(tmp_path: Path) -> Non
     # processes it spawns train. With torch loaded it cost ~4 CPU-seconds to start and ~0.4 GiB for nothing.
     data = write_data(tmp_path / "data.csv", 12, 0)
     probe = (
-        "import sys\nfrom client.cli import main\n"
+        "import sys\nfrom fedtune.client.cli import main\n"
         f"rc = main(['start', '--coordinator', '127.0.0.1:1', '--ca', {str(tmp_path / 'ca.pem')!r}, "
         f"'--key', {str(tmp_path / 'node.key')!r}, '--data', {str(data)!r}, '--home', {str(tmp_path / 'home')!r}])\n"
         "print(rc, sorted(m for m in ('torch', 'opacus', 'transformers') if m in sys.modules))"

@@ -51,7 +51,7 @@ def _training(log: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def crashed_and_resumed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
-    from coordinator.service_config import read_service_config
+    from fedtune.coordinator.service_config import read_service_config
 
     base = tmp_path_factory.mktemp("deploy-faults")
     port = free_port()
@@ -149,7 +149,7 @@ def test_the_dead_client_is_dropped_from_round_1_and_listed(crashed_and_resumed)
 
 
 def test_survivors_privacy_composes_across_both_runs(crashed_and_resumed) -> None:
-    from privacy.accounting import epsilon_spent
+    from fedtune.privacy.accounting import epsilon_spent
 
     r = crashed_and_resumed
     results = json.loads((r["run_dir"] / "results.json").read_text())
@@ -171,8 +171,8 @@ def test_survivors_privacy_composes_across_both_runs(crashed_and_resumed) -> Non
 
 
 def test_a_superlink_left_by_a_dead_coordinator_is_stopped_on_start(tmp_path: Path) -> None:
-    from coordinator.service import ServiceError, _pid_file, start_superlink, stop_process
-    from coordinator.service_config import ServiceConfig
+    from fedtune.coordinator.service import ServiceError, _pid_file, start_superlink, stop_process
+    from fedtune.coordinator.service_config import ServiceConfig
 
     cfg = ServiceConfig(home=tmp_path, labels=TINY_LABELS, listen="127.0.0.1", port=free_port(), insecure=True)
     cfg.state_dir.mkdir(parents=True)

@@ -61,7 +61,7 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(data_file: Path, model: Path, out: Path, **settings):
-    from simulations.config import build_config
+    from fedtune.simulations.config import build_config
 
     # DP is off here so that two rounds of a tiny model learn the task: a poisoned global model then shows
     # in its accuracy. DP accounting under faults is checked by the resume test below.
@@ -88,7 +88,7 @@ def _config(data_file: Path, model: Path, out: Path, **settings):
 @pytest.fixture(scope="module")
 def faulty_run(data_file: Path, tiny_model_dir: Path):
     import tests.test_faults as this_module
-    from simulations.run import simulate
+    from fedtune.simulations.run import simulate
 
     cloudpickle.register_pickle_by_value(this_module)  # Ray workers cannot import the tests package
     faulty_dir = data_file.parent / "faulty"
@@ -132,9 +132,9 @@ def test_results_list_every_fault_with_its_reason(faulty_run) -> None:
 
 def test_round_nobody_answers_stops_the_run_and_resume_finishes_it(data_file: Path, tiny_model_dir: Path) -> None:
     import tests.test_faults as this_module
-    from privacy.accounting import epsilon_spent
-    from privacy.ledger import Ledger
-    from simulations.run import FederationStopped, simulate
+    from fedtune.privacy.accounting import epsilon_spent
+    from fedtune.privacy.ledger import Ledger
+    from fedtune.simulations.run import FederationStopped, simulate
 
     cloudpickle.register_pickle_by_value(this_module)
     out = data_file.parent / "resumed"
@@ -165,7 +165,7 @@ def test_round_nobody_answers_stops_the_run_and_resume_finishes_it(data_file: Pa
 
 
 def test_resume_refuses_what_it_cannot_continue(data_file: Path, tmp_path: Path, capsys) -> None:
-    from simulations.cli import main
+    from fedtune.simulations.cli import main
 
     cases = [
         (["--resume", str(tmp_path / "nowhere")], "nothing to resume"),

@@ -94,8 +94,8 @@ class Hostile:
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     import tests.test_hostile_replies as this_module
-    from simulations.config import build_config
-    from simulations.run import simulate
+    from fedtune.simulations.config import build_config
+    from fedtune.simulations.run import simulate
 
     base = tmp_path_factory.mktemp("hostile")
     data = base / "data.csv"
@@ -185,7 +185,7 @@ def test_simulated_clients_are_the_partitions_flowers_engine_gave_their_nodes() 
     from flwr.superlink.federation import NoOpFederationManager
     from flwr.superlink.grid import InMemoryGrid
 
-    from coordinator.app import simulated_clients
+    from fedtune.coordinator.app import simulated_clients
 
     # The engine and the ServerApp's grid share one in-memory state, as in flwr.simulation.run_simulation.
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
@@ -200,9 +200,9 @@ def test_replies_with_different_optional_metrics_aggregate_together(monkeypatch)
     from flwr.app import Array, ArrayRecord, Message
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.model import ModelSpec
-    from coordinator.config import CoordinatorConfig
-    from coordinator.strategy import PrivacyTracking, build_strategy
+    from fedtune.client.model import ModelSpec
+    from fedtune.coordinator.config import CoordinatorConfig
+    from fedtune.coordinator.strategy import PrivacyTracking, build_strategy
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # Messages are made inside a run; pretend to be in one
         monkeypatch.setattr(TaskIdentity, attr, 1)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from privacy.accounting import epsilon_spent
-from privacy.ledger import Ledger, LedgerError, fingerprint_rows
+from fedtune.privacy.accounting import epsilon_spent
+from fedtune.privacy.ledger import Ledger, LedgerError, fingerprint_rows
 
 DELTA = 1e-5
 

@@ -26,9 +26,9 @@ LIMIT = 900  # seconds the whole federation may take before the test gives up an
 
 @pytest.fixture(scope="module")
 def load_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
-    from coordinator.service import init_home, register_key
-    from coordinator.service_config import ServiceConfig
-    from privacy.certs import make_node_keys
+    from fedtune.coordinator.service import init_home, register_key
+    from fedtune.coordinator.service_config import ServiceConfig
+    from fedtune.privacy.certs import make_node_keys
 
     base = tmp_path_factory.mktemp("load")
     port = free_port()
@@ -121,7 +121,7 @@ def test_twenty_clients_finish_three_rounds_by_themselves(load_run) -> None:
 
 
 def test_every_update_is_accounted_for(load_run) -> None:
-    from privacy.ledger import Ledger
+    from fedtune.privacy.ledger import Ledger
 
     (run_dir,) = (load_run["cfg"].runs_dir).iterdir()
     results = json.loads((run_dir / "results.json").read_text())

@@ -85,7 +85,7 @@ def test_results_hold_dp_rounds_and_every_clients_epsilon(main_job: MainJob) -> 
 def test_exported_model_beats_majority_baseline_by_ten_points(main_job: MainJob) -> None:
     from transformers import pipeline
 
-    from simulations.datasets import DataSpec, split
+    from fedtune.simulations.datasets import DataSpec, split
 
     results = json.loads((main_job.run_dir / "results.json").read_text())
     _, held_out, labels = split(DataSpec())  # the default job's held-out split (same seed)

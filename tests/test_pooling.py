@@ -22,7 +22,7 @@ def _as_sentence_transformer(tiny_model_dir: Path, dest: Path, pooling: str) -> 
 
 
 def test_auto_pooler_follows_how_the_checkpoint_was_trained(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from client.model import ModelSpec, resolve_pooler
+    from fedtune.client.model import ModelSpec, resolve_pooler
 
     mean = _as_sentence_transformer(tiny_model_dir, tmp_path / "mean", "mean")
     cls = _as_sentence_transformer(tiny_model_dir, tmp_path / "cls", "cls")
@@ -36,7 +36,7 @@ def test_auto_pooler_follows_how_the_checkpoint_was_trained(tiny_model_dir: Path
 def test_mean_pooler_averages_real_tokens_only(tiny_model_dir: Path) -> None:
     import torch
 
-    from client.model import ModelSpec, build_model, load_tokenizer
+    from fedtune.client.model import ModelSpec, build_model, load_tokenizer
 
     model = build_model(ModelSpec(name=str(tiny_model_dir), lora=False, pooler="mean"), TINY_LABELS).eval()
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -55,7 +55,7 @@ def test_mean_pooler_averages_real_tokens_only(tiny_model_dir: Path) -> None:
 def test_mean_pooler_on_an_architecture_without_one_is_a_clear_error(tmp_path: Path) -> None:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from client.model import ModelError, ModelSpec, build_model, load_tokenizer
+    from fedtune.client.model import ModelError, ModelSpec, build_model, load_tokenizer
 
     config = DistilBertConfig(vocab_size=load_tokenizer("minilm").vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
     DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
@@ -67,7 +67,7 @@ def test_exported_mean_pooled_model_predicts_what_was_trained(tiny_model_dir: Pa
     import torch
     from transformers import pipeline
 
-    from client.model import ModelSpec, build_model, export_model, load_tokenizer
+    from fedtune.client.model import ModelSpec, build_model, export_model, load_tokenizer
 
     model = build_model(ModelSpec(name=str(tiny_model_dir), pooler="mean"), TINY_LABELS).eval()
     with torch.no_grad():  # a head that is not the initial one, so the check sees what travels

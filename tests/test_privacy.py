@@ -5,7 +5,7 @@ from __future__ import annotations
 import dp_accounting
 import pytest
 
-from privacy import PrivacyBudgetError, calibrate_noise, epsilon_spent
+from fedtune.privacy import PrivacyBudgetError, calibrate_noise, epsilon_spent
 
 
 def _google_rdp_epsilon(z: float, q: float, steps: int, delta: float) -> float:

@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.registry import RegistryError, admit, control_client, expel, reconcile, superlink_nodes
-from coordinator.service import CONNECTION, ServiceConfig, init_home, register_key, registered, start_superlink, stop_process
-from privacy.certs import key_fingerprint, load_node_public_key, make_node_keys
+from fedtune.coordinator.registry import RegistryError, admit, control_client, expel, reconcile, superlink_nodes
+from fedtune.coordinator.service import (
+    CONNECTION,
+    ServiceConfig,
+    init_home,
+    register_key,
+    registered,
+    start_superlink,
+    stop_process,
+)
+from fedtune.privacy.certs import key_fingerprint, load_node_public_key, make_node_keys
 
 BIN = Path(sys.executable).parent
 

@@ -44,8 +44,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     """3 clients x 2 rounds on a tiny BERT; client 2's budget is far smaller than one round."""
 
     import tests.test_simulation as this_module
-    from simulations.config import build_config
-    from simulations.run import simulate
+    from fedtune.simulations.config import build_config
+    from fedtune.simulations.run import simulate
 
     base = tmp_path_factory.mktemp("sim")
     data = base / "data.csv"
@@ -93,7 +93,7 @@ def test_global_weights_changed(run, tiny_model_dir: Path) -> None:
     _, _, out, _ = run
     exported = AutoModelForSequenceClassification.from_pretrained(out / "model")
     initial = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    from client.model import ModelSpec, build_model
+    from fedtune.client.model import ModelSpec, build_model
 
     start = build_model(ModelSpec(name=str(tiny_model_dir)), TINY_LABELS).merge_and_unload()
     assert not torch.allclose(exported.classifier.weight, start.classifier.weight)
@@ -154,8 +154,8 @@ def second_run(run):
     clients send 8-bit updates and the coordinator adds central DP."""
     import dataclasses
 
-    from privacy.accounting import epsilon_spent
-    from simulations.run import simulate
+    from fedtune.privacy.accounting import epsilon_spent
+    from fedtune.simulations.run import simulate
 
     cfg, results, out, _ = run
     after = {}
@@ -181,7 +181,7 @@ def second_run(run):
 
 
 def test_second_run_on_the_same_data_starts_from_the_ledger_and_declines_at_the_budget(run, second_run) -> None:
-    from privacy.ledger import Ledger
+    from fedtune.privacy.ledger import Ledger
 
     cfg, first, _, _ = run
     budget, second = second_run
@@ -200,7 +200,7 @@ def test_second_run_on_the_same_data_starts_from_the_ledger_and_declines_at_the_
 def test_privacy_report_epsilons_agree_with_google_dp_accounting(run) -> None:
     import dp_accounting
 
-    from privacy.accounting import epsilon_spent
+    from fedtune.privacy.accounting import epsilon_spent
 
     _, _, out, _ = run
     report = json.loads((out / "privacy.json").read_text())
@@ -259,9 +259,9 @@ def test_central_dp_noise_std_is_z_times_c_over_sampled_clients(monkeypatch) -> 
     for attr in ("_run_id", "_node_id", "_task_id"):  # Messages are made inside a run; pretend to be in one
         monkeypatch.setattr(TaskIdentity, attr, 1)
 
-    from client.model import ModelSpec
-    from coordinator.config import CoordinatorConfig
-    from coordinator.strategy import build_strategy
+    from fedtune.client.model import ModelSpec
+    from fedtune.coordinator.config import CoordinatorConfig
+    from fedtune.coordinator.strategy import build_strategy
 
     cfg = CoordinatorConfig(
         labels=TINY_LABELS,
@@ -303,7 +303,7 @@ def test_flower_engine_polls_only_addressed_nodes() -> None:
 
     from flwr.server.superlink.fleet.vce import vce_api
 
-    from simulations import dispatch
+    from fedtune.simulations import dispatch
 
     flower = inspect.signature(dispatch._FLOWER_POLL)
     assert list(flower.parameters) == ["state", "queue", "nodes_mapping", "f_stop"]

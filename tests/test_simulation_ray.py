@@ -119,7 +119,7 @@ def data_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_ray_temp_dir_is_private_short_and_removed() -> None:
-    from simulations.run import ray_temp_dir
+    from fedtune.simulations.run import ray_temp_dir
 
     with ray_temp_dir() as temp_dir:
         private = Path(temp_dir).parent
@@ -130,9 +130,9 @@ def test_ray_temp_dir_is_private_short_and_removed() -> None:
 
 
 def test_ray_address_is_a_setting_a_flag_and_a_toml_key(tmp_path: Path) -> None:
-    from simulations.cli import parser
-    from simulations.config import build_config, read_toml
-    from simulations.run import ray_init_args
+    from fedtune.simulations.cli import parser
+    from fedtune.simulations.config import build_config, read_toml
+    from fedtune.simulations.run import ray_init_args
 
     flags = vars(parser().parse_args(["--ray-address", "10.0.0.5:6379"]))
     assert build_config({}, flags).ray_address == "10.0.0.5:6379"
@@ -159,7 +159,7 @@ class RecordNode:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator:
     """Two Ray nodes (1 CPU each) on 127.0.0.1, started with Ray's own test helper; stopped afterwards."""
-    from simulations.run import ray_environment, ray_temp_dir
+    from fedtune.simulations.run import ray_environment, ray_temp_dir
 
     os.environ.update(ray_environment())  # before Ray is imported, as simulate() does
     from ray.cluster_utils import Cluster
@@ -182,8 +182,8 @@ def test_simulation_runs_on_an_existing_two_node_ray_cluster(
     cluster, tmp_path: Path, tiny_model_dir: Path, data_csv: Path
 ) -> None:
     import tests.test_simulation_ray as this_module
-    from simulations.config import build_config
-    from simulations.run import simulate
+    from fedtune.simulations.config import build_config
+    from fedtune.simulations.run import simulate
 
     assert cluster.address.startswith("127.0.0.1:")
     nodes = {n.node_id for n in cluster.list_all_nodes()}

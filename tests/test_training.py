@@ -28,10 +28,10 @@ def test_a_round_of_dp_sgd_changes_every_trainable_weight_and_spends_the_plan(
     import datasets
     import torch
 
-    from client.config import ClientConfig, ModelSpec, TrainSpec
-    from client.model import build_model, load_tokenizer, trainable_state
-    from client.train import encode, plan_round, train_round
-    from privacy import epsilon_spent
+    from fedtune.client.config import ClientConfig, ModelSpec, TrainSpec
+    from fedtune.client.model import build_model, load_tokenizer, trainable_state
+    from fedtune.client.train import encode, plan_round, train_round
+    from fedtune.privacy import epsilon_spent
 
     cfg = ClientConfig(
         labels=TINY_LABELS,
@@ -65,9 +65,9 @@ def test_a_data_holder_with_no_local_evaluation_split_trains_and_evaluates(
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.app import handle_evaluate, handle_train
-    from client.config import ClientConfig, ModelSpec, TrainSpec
-    from client.model import build_model, trainable_state
+    from fedtune.client.app import handle_evaluate, handle_train
+    from fedtune.client.config import ClientConfig, ModelSpec, TrainSpec
+    from fedtune.client.model import build_model, trainable_state
 
     cfg = ClientConfig(
         labels=TINY_LABELS,
@@ -101,9 +101,9 @@ def test_length_grouped_passes_give_the_same_step_as_one_padded_pass(dp: bool, p
     import datasets
     import torch
 
-    from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
-    from client.model import build_model, load_tokenizer, trainable_state
-    from client.train import encode, length_grouped, plan_round, train_round
+    from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
+    from fedtune.client.model import build_model, load_tokenizer, trainable_state
+    from fedtune.client.train import encode, length_grouped, plan_round, train_round
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     rows = sentiment_rows(40)
@@ -131,7 +131,7 @@ def test_length_grouped_passes_give_the_same_step_as_one_padded_pass(dp: bool, p
     for name, value in one_pass.items():
         torch.testing.assert_close(grouped[name], value, rtol=1e-4, atol=1e-5, msg=name)
     # The passes really are shorter: a batch's rows sorted by length, each pass cut to its own longest row.
-    from client.train import make_loader
+    from fedtune.client.train import make_loader
 
     batch = next(iter(make_loader(data, tokenizer, 16, shuffle=False)))
     parts = length_grouped(batch, 4)
@@ -145,10 +145,10 @@ def test_predictions_come_back_in_the_order_of_the_rows(tiny_model_dir: Path) ->
     import datasets
     import torch
 
-    from client.config import ModelSpec
-    from client.evaluate import predict
-    from client.model import build_model, load_tokenizer
-    from client.train import encode, forward, make_loader
+    from fedtune.client.config import ModelSpec
+    from fedtune.client.evaluate import predict
+    from fedtune.client.model import build_model, load_tokenizer
+    from fedtune.client.train import encode, forward, make_loader
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     texts = [" ".join(["good"] * (1 + (i * 5) % 9)) + f" {i}" for i in range(20)]
@@ -168,10 +168,10 @@ def test_the_cosine_schedule_scales_both_learning_rates_by_the_round(tiny_model_
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from client.app import handle_train
-    from client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
-    from client.model import build_model, trainable_state
-    from client.train import round_lr_scale
+    from fedtune.client.app import handle_train
+    from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
+    from fedtune.client.model import build_model, trainable_state
+    from fedtune.client.train import round_lr_scale
 
     assert [round_lr_scale("cosine", r, 3) for r in (1, 2, 3)] == pytest.approx([1.0, 0.75, 0.25])
     assert round_lr_scale("constant", 3, 3) == 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flwr.cli.build import build_fab_from_files
 
-from client.trusted_app import PROTOCOL_KEY, PROTOCOL_VERSION, app_pyproject, refusal
+from fedtune.client.trusted_app import PROTOCOL_KEY, PROTOCOL_VERSION, app_pyproject, refusal
 
 RUN_CONFIG = {"model": "minilm", "num-rounds": 3}
 
@@ -30,8 +30,8 @@ def test_the_coordinators_own_app_is_accepted() -> None:
     ("package", "why"),
     [
         (lambda: fab({"pyproject.toml": app_pyproject(RUN_CONFIG).encode(), "client/x.py": b""}), "files of its own"),
-        (lambda: fedtune_fab(**{'clientapp = "client.deploy:app"': 'clientapp = "evil.client:app"'}), "components"),
-        (lambda: fedtune_fab(**{'serverapp = "coordinator.deploy:app"': 'serverapp = "evil:app"'}), "components"),
+        (lambda: fedtune_fab(**{'clientapp = "fedtune.client.deploy:app"': 'clientapp = "evil.client:app"'}), "components"),
+        (lambda: fedtune_fab(**{'serverapp = "fedtune.coordinator.deploy:app"': 'serverapp = "evil:app"'}), "components"),
         (lambda: fedtune_fab(**{'publisher = "fedtune"': 'publisher = "outsider"'}), "published as"),
         (lambda: fedtune_fab(**{"dependencies = []": 'dependencies = ["evil==1.0"]'}), "dependencies"),
         (lambda: b"not a zip", "not a readable"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from privacy.update_codec import UpdateCodecError, dequantize, quantize
+from fedtune.privacy.update_codec import UpdateCodecError, dequantize, quantize
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:

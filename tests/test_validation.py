@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from coordinator.strategy import PrivacyTracking, aggregate_train_metrics
+from fedtune.coordinator.strategy import PrivacyTracking, aggregate_train_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -63,9 +63,9 @@ def test_invalid_updates_are_rejected_with_reasons_and_the_rest_aggregated() -> 
 def test_robust_strategies_resist_one_poisoned_update(name: str) -> None:
     from pathlib import Path
 
-    from client.model import ModelSpec
-    from coordinator.config import CoordinatorConfig
-    from coordinator.strategy import build_strategy
+    from fedtune.client.model import ModelSpec
+    from fedtune.coordinator.config import CoordinatorConfig
+    from fedtune.coordinator.strategy import build_strategy
 
     cfg = CoordinatorConfig(
         labels=("a", "b"), out_dir=Path("unused"), model=ModelSpec(), strategy=name, min_clients=5, num_malicious=1
@@ -83,7 +83,7 @@ def test_eight_bit_updates_are_decoded_before_validation() -> None:
     import numpy as np
     from flwr.app import Array
 
-    from privacy.update_codec import quantize
+    from fedtune.privacy.update_codec import quantize
 
     current = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
     good = {"w": np.full((4, 3), 0.5, np.float32), "b": np.full(3, 0.25, np.float32)}
