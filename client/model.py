@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import shutil
 import warnings
@@ -25,6 +24,8 @@ __all__ = [
     "DEFAULT_MODEL",
     "ModelError",
     "ModelSpec",
+    "MODELS",
+    "ModelStore",
     "build_model",
     "export_model",
     "is_head_parameter",
@@ -54,12 +55,6 @@ def _from_pretrained(loader, name: str, **kwargs):
     except (OSError, ValueError) as err:
         where = "local directory" if Path(source).exists() else "Hugging Face hub name (needs internet)"
         raise ModelError(f"cannot load model {name!r} as a {where}: {str(err).splitlines()[0]}") from None
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer that belongs to a model (cached per process)."""
-    return _from_pretrained(AutoTokenizer, name)
 
 
 @contextlib.contextmanager
@@ -128,10 +123,8 @@ def is_head_parameter(name: str) -> bool:
     return any(part in ("classifier", "score", "pre_classifier") for part in parts)
 
 
-@functools.lru_cache(maxsize=2)
-def _pristine_model(spec: ModelSpec, labels: tuple[str, ...]) -> torch.nn.Module:
-    # Loading from disk dominates a simulated client's fixed cost, so each worker process
-    # loads once and hands out copies.
+def _load_model(spec: ModelSpec, labels: tuple[str, ...]) -> torch.nn.Module:
+    """The initial classifier, read from disk: the same weights for every party (fixed seed for head and adapters)."""
     with _quiet_transformers(), torch.random.fork_rng():
         torch.manual_seed(0)  # every party builds the same initial head and adapters
         model = _from_pretrained(
@@ -148,9 +141,62 @@ def _pristine_model(spec: ModelSpec, labels: tuple[str, ...]) -> torch.nn.Module
     return model
 
 
-def build_model(spec: ModelSpec, labels: Sequence[str]) -> torch.nn.Module:
+class ModelStore:
+    """Models and tokenizers read from disk once, then handed out: each model as a fresh copy, so no caller
+    sees what another trained; each tokenizer as the one loaded (calling it sets truncation and padding per
+    call, so its output does not depend on earlier calls; callers must not change its settings).
+
+    Loading from disk dominates a simulated client's fixed cost, so each process that builds models again and
+    again (a Ray worker, a data holder's runtime) keeps one store. `reset()` forgets everything: a model folder
+    changed on disk, or a benchmark of the uncached pattern (benchmarks/p2_simulation.py).
+    """
+
+    def __init__(self, max_models: int = 2, max_tokenizers: int = 4) -> None:
+        self.max_models = max_models
+        self.max_tokenizers = max_tokenizers
+        self._models: dict[tuple[ModelSpec, tuple[str, ...]], torch.nn.Module] = {}
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+
+    def model(self, spec: ModelSpec, labels: Sequence[str]) -> torch.nn.Module:
+        """A fresh classifier for `labels`: a copy of the one loaded, never the loaded one itself."""
+        key = (spec, tuple(labels))
+        pristine = self._models.pop(key, None)
+        self._models[key] = pristine = _load_model(*key) if pristine is None else pristine  # most recently used last
+        _keep_newest(self._models, self.max_models)
+        return copy.deepcopy(pristine)
+
+    def tokenizer(self, name: str) -> PreTrainedTokenizerBase:
+        """The tokenizer that belongs to model `name`."""
+        tokenizer = self._tokenizers.pop(name, None)
+        self._tokenizers[name] = tokenizer = _from_pretrained(AutoTokenizer, name) if tokenizer is None else tokenizer
+        _keep_newest(self._tokenizers, self.max_tokenizers)
+        return tokenizer
+
+    def reset(self) -> None:
+        """Forget every model and tokenizer: the next request reads from disk again."""
+        self._models.clear()
+        self._tokenizers.clear()
+
+
+def _keep_newest(entries: dict, size: int) -> None:
+    for key in list(entries)[: max(len(entries) - size, 0)]:
+        del entries[key]
+
+
+# This process's store. Flower calls a ClientApp's handlers as plain functions in long-lived worker processes,
+# so nothing shorter-lived than the process is there to own the models it keeps; this one object does, and
+# `MODELS.reset()` empties it.
+MODELS = ModelStore()
+
+
+def build_model(spec: ModelSpec, labels: Sequence[str], store: ModelStore = MODELS) -> torch.nn.Module:
     """A fresh classifier for `labels`; with LoRA only adapters and the head are trainable."""
-    return copy.deepcopy(_pristine_model(spec, tuple(labels)))
+    return store.model(spec, labels)
+
+
+def load_tokenizer(name: str, store: ModelStore = MODELS) -> PreTrainedTokenizerBase:
+    """The tokenizer that belongs to a model (read from disk once per store)."""
+    return store.tokenizer(name)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -172,8 +218,11 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 def export_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """Save a `transformers.pipeline`-loadable model (LoRA merged into the base weights).
 
-    A mean-pooled model is saved with `client/pooling.py` beside it and named in the config's `auto_map`,
-    so it loads with `trust_remote_code=True` and pools exactly as it was trained.
+    A mean-pooled model is saved under its own model type (`pooling.MeanPooledBertConfig`). Where fedtune is
+    installed and `fedtune.client` imported, a plain `pipeline(...)` loads it with fedtune's installed classes
+    (client/auto_classes.py) and runs no code from the folder. For readers without fedtune, `client/pooling.py`
+    is saved beside it and named in the config's `auto_map`: they load it with `trust_remote_code=True`.
+    Either way it pools exactly as it was trained.
     """
     out = Path(out_dir)
     plain: PreTrainedModel = model.merge_and_unload() if isinstance(model, PeftModel) else model

@@ -45,15 +45,17 @@ def use_mean_pooling(model: torch.nn.Module) -> bool:
 
 
 class MeanPooledBertConfig(transformers.BertConfig):
-    """BERT's configuration under a model type of its own: loading an export without this file (without
-    `trust_remote_code=True`) then stops with transformers' own error instead of silently pooling [CLS]."""
+    """BERT's configuration under a model type of its own, which fedtune registers with AutoConfig
+    (client/auto_classes.py): without fedtune and without `trust_remote_code=True`, loading an export then
+    stops with transformers' own error instead of silently pooling [CLS]."""
 
     model_type = "fedtune-mean-pooled-bert"
 
 
 class BertForSequenceClassification(transformers.BertForSequenceClassification):
-    """BERT's classifier with a `MeanPooler`: what an exported mean-pooled model loads as
-    (`trust_remote_code=True`). It keeps BERT's class name because pipelines accept models by class name."""
+    """BERT's classifier with a `MeanPooler`: what an exported mean-pooled model loads as (fedtune's installed
+    class, or this file with `trust_remote_code=True`). It keeps BERT's class name because pipelines accept
+    models by class name."""
 
     config_class = MeanPooledBertConfig
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -16,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.privacy.certs import key_fingerprint, load_certificate, load_node_private_key
+from fedtune.client.credentials import key_fingerprint, load_certificate, load_node_private_key
+from fedtune.client.processes import stop_process_group
+from fedtune.privacy.at_rest import write_atomic
 
 # Flower prints these when a SuperNode cannot join (exit code 305); the data holder gets one sentence instead.
-_FAILURES: list[tuple[str, str]] = [
+_FAILURES: tuple[tuple[str, str], ...] = (
     (
         "CERTIFICATE_VERIFY_FAILED",
         "TLS handshake with the coordinator failed: its certificate is not signed by the CA in {ca} "
@@ -34,7 +35,7 @@ _FAILURES: list[tuple[str, str]] = [
     ("UNAUTHENTICATED", "the coordinator refused this node's key ({fingerprint}); is it registered?"),
     ("Connection refused", "cannot reach the coordinator at {address} (is it running, and is the port open?)"),
     ("Name or service not known", "cannot resolve the coordinator's host name in {address}"),
-]
+)
 
 
 class ClientStartError(RuntimeError):
@@ -69,6 +70,7 @@ def node_config_arg(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 
+STOP_GRACE_S = 5.0  # what the SuperNode and the runtime get to finish after SIGTERM, before SIGKILL
 RUNTIME_SECRET = "runtime.secret"  # shared by the SuperNode and fedtune.client.runtime; without it a local user could take tasks
 
 
@@ -89,10 +91,7 @@ def runtime_command(settings: NodeSettings) -> list[str]:
 
 def write_secret(path: Path) -> None:
     """A fresh random secret, readable by this user only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(32))
-    os.chmod(path, 0o600)
+    write_atomic(path, secrets.token_bytes(32))
 
 
 def check_files(settings: NodeSettings) -> str:
@@ -161,8 +160,8 @@ def run_supernode(settings: NodeSettings, fingerprint: str, echo: Callable[[str]
     runtime = subprocess.Popen(runtime_command(settings), **popen)
 
     def stop(signum: int, _frame: Any) -> None:
-        _stop_group(runtime)
-        _stop_group(proc)
+        stop_process_group(runtime, STOP_GRACE_S)
+        stop_process_group(proc, STOP_GRACE_S)
         raise SystemExit(128 + signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -181,8 +180,8 @@ def run_supernode(settings: NodeSettings, fingerprint: str, echo: Callable[[str]
                 )
             time.sleep(0.5)
     finally:
-        _stop_group(runtime)
-        _stop_group(proc)
+        stop_process_group(runtime, STOP_GRACE_S)
+        stop_process_group(proc, STOP_GRACE_S)
         for reader in readers:
             reader.join(timeout=10)
         for s, handler in previous.items():
@@ -209,20 +208,3 @@ def _interesting(line: str) -> list[str]:
     # The runtime prints "fedtune-client: ..." lines (client/runtime.py, client/deploy.py); pass those through.
     text = line.strip()
     return [text] if text.startswith("fedtune-client:") else []
-
-
-def _stop_group(proc: subprocess.Popen, grace: float = 5) -> None:
-    """SIGTERM the SuperNode's whole process group (even after the SuperNode itself exited), then SIGKILL what is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)  # anyone left in the group?
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import warnings
@@ -34,10 +33,9 @@ def make_loader(data: Encoded, tokenizer: PreTrainedTokenizerBase, batch_size: i
     return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate)
 
 
-@functools.cache
-def _takes_position_ids(model_type: type) -> bool:
-    # Once per model class, not once per batch.
-    return "position_ids" in inspect.signature(model_type.forward).parameters
+def takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the Transformer inside `model` (however wrapped) takes position ids."""
+    return "position_ids" in inspect.signature(type(_innermost(model)).forward).parameters
 
 
 def _innermost(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,17 +43,20 @@ def _innermost(model: torch.nn.Module) -> torch.nn.Module:
     # their own forward takes **kwargs, which would hide whether the Transformer takes position ids.
     while True:
         if isinstance(getattr(model, "_module", None), torch.nn.Module):
-            model = model._module
+            model = model._module  # Opacus has no public getter that leaves the wrapper working (tests/test_library_contracts.py)
         elif hasattr(model, "get_base_model"):
             model = model.get_base_model()
         else:
             return model
 
 
-def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device):
-    """Run the model with explicit, contiguous position ids (Opacus' BERT fix for full fine-tuning)."""
+def forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, position_ids: bool | None = None):
+    """Run the model with explicit, contiguous position ids (Opacus' BERT fix for full fine-tuning).
+
+    `position_ids`: whether the model takes them (`takes_position_ids`); a loop over batches asks once and
+    passes the answer, else it is worked out here."""
     batch = {k: v.to(device) for k, v in batch.items()}
-    if _takes_position_ids(type(_innermost(model))):
+    if takes_position_ids(model) if position_ids is None else position_ids:
         b, length = batch["input_ids"].shape
         batch["position_ids"] = torch.arange(length, device=device).repeat(b, 1)
     return model(**batch)
@@ -111,17 +112,17 @@ class RoundOutcome:
     steps: int
 
 
-def _loss(runner: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, criterion, params):
+def _loss(runner: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, criterion, params, position_ids: bool):
     """The batch loss to call backward() on; None for an empty batch under ghost clipping, whose gradients
     are then set to zero so that the optimizer takes the noise-only step (Opacus has no empty path there)."""
     if criterion is None:
-        return forward(runner, batch, device).loss
+        return forward(runner, batch, device, position_ids).loss
     labels = batch["labels"]
     if labels.numel() == 0:
         for p in params:
             p.grad = torch.zeros_like(p)
         return None
-    logits = forward(runner, {k: v for k, v in batch.items() if k != "labels"}, device).logits
+    logits = forward(runner, {k: v for k, v in batch.items() if k != "labels"}, device, position_ids).logits
     return criterion(logits, labels.to(device))
 
 
@@ -134,6 +135,7 @@ def _step(
     criterion,
     params: list[torch.nn.Parameter],
     max_grad_norm: float,
+    position_ids: bool,
 ) -> tuple[float, int]:
     """One optimizer step on a sampled batch, run as `passes` (one noise draw under DP).
 
@@ -146,7 +148,7 @@ def _step(
     for i, part in enumerate(passes):
         if dp and i > 0:
             optimizer.zero_grad(set_to_none=True)  # drops the last pass's per-sample gradients, keeps their clipped sum
-        loss = _loss(runner, part, device, criterion, params)
+        loss = _loss(runner, part, device, criterion, params, position_ids)
         # Also for an empty Poisson batch: Opacus then takes the noise-only step the accounting assumes.
         if loss is not None:
             # Opacus scales per-sample gradients itself; without DP, weight each pass's mean by its share
@@ -220,6 +222,7 @@ def train_round(
         )
     # Ghost clipping runs its own two backward passes per loss, so it takes a batch in one pass.
     rows_per_pass = cfg.train.physical_batch_size if criterion is None else 0
+    position_ids = takes_position_ids(model)  # once per round, not once per batch
     total_loss, seen, steps = 0.0, 0, 0
     with warnings.catch_warnings():
         # Expected with frozen embeddings (LoRA): PyTorch notes that no hooked input requires grad.
@@ -228,7 +231,9 @@ def train_round(
         for _ in range(cfg.train.local_epochs):
             for batch in loader:
                 passes = length_grouped(batch, rows_per_pass)
-                loss_sum, rows = _step(runner, optimizer, passes, dp, device, criterion, params, cfg.privacy.max_grad_norm)
+                loss_sum, rows = _step(
+                    runner, optimizer, passes, dp, device, criterion, params, cfg.privacy.max_grad_norm, position_ids
+                )
                 total_loss, seen, steps = total_loss + loss_sum, seen + rows, steps + 1
                 if proximal_mu > 0:
                     # FedProx as a decoupled proximal step: a gradient term in the loss would be
@@ -238,6 +243,6 @@ def train_round(
                             for p in group["params"]:
                                 p.sub_(group["lr"] * proximal_mu * (p - anchor_of[id(p)]))
     if engine is not None:
-        runner._close()  # drop Opacus' hooks so the same model can be trained again next round
+        runner.cleanup()  # drop Opacus' hooks and per-sample attributes so the same model trains again next round
     new_history = list(engine.accountant.history) if engine is not None else list(history)
     return RoundOutcome(history=new_history, mean_loss=total_loss / max(seen, 1), steps=steps)

@@ -13,7 +13,7 @@ from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest, Unregi
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
-from fedtune.privacy.certs import key_fingerprint, load_node_public_key
+from fedtune.client.credentials import key_fingerprint, load_node_public_key
 
 UNREGISTERED = "unregistered"  # Flower keeps an unregistered node's row (and its key) for good
 

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedtune.client.credentials import CertificateError, key_fingerprint, load_certificate, load_node_public_key
+from fedtune.client.processes import stop_process_group
 from fedtune.client.supernode import write_secret
 from fedtune.client.trusted_app import app_pyproject
 from fedtune.coordinator.registry import (
@@ -30,14 +31,8 @@ from fedtune.coordinator.registry import (
     superlink_nodes,
 )
 from fedtune.coordinator.service_config import ServiceConfig
-from fedtune.privacy.certs import (
-    CertificateError,
-    key_fingerprint,
-    load_certificate,
-    load_node_public_key,
-    make_ca,
-    make_server_cert,
-)
+from fedtune.coordinator.tls import make_ca, make_server_cert
+from fedtune.privacy.at_rest import write_atomic
 
 CONNECTION = "fedtune"  # the connection name in this service's own $FLWR_HOME/config.toml
 INSECURE_WARNING = "TLS IS OFF (--insecure): model updates cross the network unencrypted and nodes are not authenticated."
@@ -70,7 +65,7 @@ def init_home(cfg: ServiceConfig, force: bool = False) -> list[Path]:
     ca_pem, ca_key = make_ca(cfg.tls_dir)
     server_pem, server_key = make_server_cert(ca_pem, ca_key, cfg.hosts, cfg.tls_dir)
     cfg.nodes_dir.mkdir(parents=True, exist_ok=True)
-    toml.write_text(cfg.to_toml(), encoding="utf-8")
+    write_atomic(toml, cfg.to_toml())
     return [toml, ca_pem, ca_key, server_pem, server_key]
 
 
@@ -79,8 +74,7 @@ def register_key(cfg: ServiceConfig, public_key: Path) -> str:
     fingerprint = key_fingerprint(load_node_public_key(public_key))
     target = cfg.nodes_dir / f"{fingerprint.replace(':', '-')}.pub"
     existed = target.exists()
-    cfg.nodes_dir.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(public_key.read_bytes())
+    write_atomic(target, public_key.read_bytes())
     if superlink_running(cfg):
         try:
             with _control(cfg) as client:
@@ -134,9 +128,7 @@ def write_connection(cfg: ServiceConfig, port: int) -> None:
     """The flwr CLI's connection to this service's SuperLink (on loopback), in this service's own FLWR_HOME."""
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "127.0.0.1:{port}"']
     lines.append("insecure = true" if cfg.insecure else f'root-certificates = "{(cfg.tls_dir / "ca.pem").resolve()}"')
-    home = cfg.home / "flwr"
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    write_atomic(cfg.home / "flwr" / "config.toml", "\n".join(lines) + "\n")
 
 
 def _pid_file(cfg: ServiceConfig) -> Path:
@@ -181,11 +173,7 @@ def _stop_orphan(cfg: ServiceConfig, echo: Callable[[str], None]) -> None:
     if owner is None or _alive(owner):
         raise ServiceError(f"a SuperLink of this coordinator is already running (PID {superlink}; PID file {_pid_file(cfg)})")
     echo(f"stopping SuperLink PID {superlink} left behind by a coordinator that died (PID {owner})")
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(superlink, sig)
-        if not _group_alive(superlink, 15):
-            break
+    stop_process_group(superlink, grace=15)
     _pid_file(cfg).unlink(missing_ok=True)
 
 
@@ -251,7 +239,7 @@ def start_superlink(cfg: ServiceConfig, echo: Callable[[str], None] = print) -> 
     # A group of its own (so a terminal's Ctrl-C reaches only us); the SuperExec and the gateway join it, so
     # stopping the group stops all three and the ServerApps the SuperExec started.
     proc = subprocess.Popen(cmd, **popen, process_group=0)
-    _pid_file(cfg).write_text(json.dumps({"superlink": proc.pid, "owner": os.getpid()}))
+    write_atomic(_pid_file(cfg), json.dumps({"superlink": proc.pid, "owner": os.getpid()}))
     try:
         _wait_for_port(proc, proc, "127.0.0.1", internal, cfg, "the Flower SuperLink")
         tls_args = ["--insecure"] if cfg.insecure else ["--root-certificates", str(tls / "ca.pem")]
@@ -277,38 +265,14 @@ def start_superlink(cfg: ServiceConfig, echo: Callable[[str], None] = print) -> 
 
 def stop_process(proc: subprocess.Popen, grace: float = 15) -> None:
     """Stop a process and everything in its group (SuperExec, ServerApp), also when the leader already exited."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-        if not _group_alive(proc.pid, grace):
-            return
-
-
-def _group_alive(pgid: int, wait: float) -> bool:
-    end = time.monotonic() + wait
-    while time.monotonic() < end:
-        _reap(pgid)  # the SuperExec and the gateway are our children: once dead, they linger as zombies until reaped
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        time.sleep(0.2)
-    return True
-
-
-def _reap(pgid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-pgid, os.WNOHANG)[0]:
-            pass
+    stop_process_group(proc, grace)
 
 
 def write_app(cfg: ServiceConfig, out_dir: Path, resume: bool = False) -> Path:
     """The Flower app folder: only the pyproject that fedtune's clients accept (client/trusted_app.py) and the run config."""
     app = cfg.home / "app"
     app.mkdir(parents=True, exist_ok=True)
-    (app / "pyproject.toml").write_text(app_pyproject(cfg.run_config(out_dir, resume)))
+    write_atomic(app / "pyproject.toml", app_pyproject(cfg.run_config(out_dir, resume)))
     return app
 
 

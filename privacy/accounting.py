@@ -38,6 +38,8 @@ def _check_accountant(accountant: str) -> None:
 
 # Cached: a client asks the same question every round (same data size and plan), and Opacus' search takes
 # ~1.5 s at sample rate 1/16 over 48 steps (measured): more than a small client's whole round of training.
+# A memo, not state: the answer is a pure function of its numbers (and the installed Opacus), so no result
+# depends on what ran before, and there is nothing a caller would ever need to reset.
 @functools.lru_cache(maxsize=256)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """Return the smallest noise multiplier whose `steps` DP-SGD steps spend at most `target_epsilon`."""
@@ -68,9 +70,9 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 @functools.lru_cache(maxsize=1024)
 def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
     """Opacus' RDP of one sampled-Gaussian step at each of its default orders (steps compose by multiplication)."""
-    # Cached: the per-order series over fractional orders is pure Python (0.035 s for z=1.1, q=0.05, measured;
-    # up to ~0.3 s for others), and a client asks about the same (noise, rate) every round; k steps are then k
-    # times this vector, as in Opacus.
+    # Cached (a pure function of two numbers, like calibrate_noise): the per-order series over fractional orders
+    # is pure Python (0.035 s for z=1.1, q=0.05, measured; up to ~0.3 s for others), and a client asks about the
+    # same (noise, rate) every round; k steps are then k times this vector, as in Opacus.
     from opacus.accountants.analysis.rdp import compute_rdp
     from opacus.accountants.rdp import RDPAccountant
 

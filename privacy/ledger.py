@@ -6,7 +6,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.privacy.accounting import History, epsilon_spent
+from fedtune.privacy.at_rest import write_atomic
 
 UNIT = "example"  # sample-level DP-SGD: one row of the data file is what is protected
 
@@ -53,7 +53,8 @@ class Ledger:
     """A JSON file of per-dataset DP histories; each round's cost is recorded before the round trains.
 
     Recording first means a crash after the write may count a round that never finished (conservative),
-    but never forgets one that did. Writes are atomic (temp file, fsync, rename) under an exclusive lock.
+    but never forgets one that did. Writes are atomic and owner-only (`privacy/at_rest.py`: temp file, fsync,
+    rename) under an exclusive lock.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -81,17 +82,8 @@ class Ledger:
         return data
 
     def _write(self, data: dict[str, Any]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+        # Called under `_locked`: the lock orders writers; write_atomic makes each write whole and durable.
+        write_atomic(self.path, json.dumps(data, indent=1))
 
     @staticmethod
     def _key(fingerprint: str, unit: str) -> str:

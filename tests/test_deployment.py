@@ -246,7 +246,7 @@ def wait_until_ready(coordinator: subprocess.Popen, log: Path, timeout: float = 
 
 
 def _other_ca(base: Path) -> Path:
-    from fedtune.privacy.certs import make_ca
+    from fedtune.coordinator.tls import make_ca
 
     return make_ca(base / "other-ca")[0]
 

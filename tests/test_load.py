@@ -26,9 +26,9 @@ LIMIT = 900  # seconds the whole federation may take before the test gives up an
 
 @pytest.fixture(scope="module")
 def load_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    from fedtune.client.credentials import make_node_keys
     from fedtune.coordinator.service import init_home, register_key
     from fedtune.coordinator.service_config import ServiceConfig
-    from fedtune.privacy.certs import make_node_keys
 
     base = tmp_path_factory.mktemp("load")
     port = free_port()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,9 +65,35 @@ def test_mean_pooler_on_an_architecture_without_one_is_a_clear_error(tmp_path: P
         build_model(ModelSpec(name=str(tmp_path), pooler="mean"), TINY_LABELS)
 
 
-def test_exported_mean_pooled_model_predicts_what_was_trained(tiny_model_dir: Path, tmp_path: Path) -> None:
+TEXTS = ["good", "so very bad and long and dreadful indeed"]
+
+# Run in a fresh interpreter: prints the pipeline's probabilities (in TINY_LABELS order) and every module it
+# imported from the model folder or from transformers' copies of remote code (HF_MODULES_CACHE).
+_LOAD = """
+import json, os, sys
+{before}
+from transformers import pipeline
+folder, modules_cache = os.path.realpath(sys.argv[1]), os.path.realpath(os.environ["HF_MODULES_CACHE"])
+labels, texts = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+try:
+    classify = pipeline("text-classification", model=sys.argv[1], device="cpu"{trust})
+except ValueError as err:
+    print(json.dumps({{"error": str(err)}}))
+    raise SystemExit(0)
+rows = [{{p["label"]: p["score"] for p in row}} for row in classify(texts, top_k=None)]
+foreign = [
+    name for name, module in list(sys.modules.items())
+    if name.startswith("transformers_modules.")
+    or os.path.realpath(getattr(module, "__file__", None) or "/").startswith((folder + os.sep, modules_cache + os.sep))
+]
+print(json.dumps({{"probabilities": [[row[label] for label in labels] for row in rows], "foreign": foreign}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def mean_pooled_export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[float]]]:
+    """A trained-looking mean-pooled LoRA model, exported; with its probabilities for TEXTS."""
     import torch
-    from transformers import pipeline
 
     from fedtune.client.model import ModelSpec, build_model, export_model, load_tokenizer
 
@@ -75,13 +103,50 @@ def test_exported_mean_pooled_model_predicts_what_was_trained(tiny_model_dir: Pa
             if "classifier" in name and param.requires_grad:
                 param.add_(torch.randn_like(param))
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    texts = ["good", "so very bad and long and dreadful indeed"]
     with torch.no_grad():
-        expected = torch.softmax(model(**tokenizer(texts, padding=True, return_tensors="pt")).logits, -1)
-    out = export_model(model, tokenizer, tmp_path / "model")
-    classify = pipeline("text-classification", model=str(out), device="cpu", trust_remote_code=True)
-    got = [{p["label"]: p["score"] for p in row} for row in classify(texts, top_k=None)]
-    assert torch.allclose(torch.tensor([[row[name] for name in TINY_LABELS] for row in got]), expected, atol=1e-5)
-    # Without the pooling code the export refuses to load rather than silently pooling [CLS].
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        pipeline("text-classification", model=str(out), device="cpu", trust_remote_code=False)
+        expected = torch.softmax(model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits, -1)
+    out = export_model(model, tokenizer, tmp_path_factory.mktemp("export") / "model")
+    return out, expected.tolist()
+
+
+def _load_in_fresh_python(model_dir: Path, tmp_path: Path, before: str, trust: str) -> dict:
+    import os
+
+    modules_cache = tmp_path / "hf-modules"
+    env = os.environ | {"HF_MODULES_CACHE": str(modules_cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    code = _LOAD.format(before=before, trust=trust)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir), json.dumps(TINY_LABELS), json.dumps(TEXTS)],
+        stdin=subprocess.DEVNULL,  # transformers' "[y/N]" prompt for remote code would fail, not wait
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["modules_cache"] = sorted(p.name for p in modules_cache.rglob("*.py")) if modules_cache.exists() else []
+    return result
+
+
+def test_exported_model_loads_in_a_plain_pipeline_with_no_code_from_its_folder(mean_pooled_export, tmp_path: Path) -> None:
+    import torch
+
+    model_dir, expected = mean_pooled_export
+    got = _load_in_fresh_python(model_dir, tmp_path, before="import fedtune.client", trust="")
+    assert "error" not in got, got.get("error")
+    assert torch.allclose(torch.tensor(got["probabilities"]), torch.tensor(expected), atol=1e-5)
+    assert got["foreign"] == []  # nothing imported from the folder or from a copy of its pooling.py
+    assert got["modules_cache"] == []  # transformers did not even copy the folder's code to run it
+
+
+def test_exported_model_without_fedtune_needs_trust_remote_code(mean_pooled_export, tmp_path: Path) -> None:
+    """The documented fallback: without fedtune the folder's pooling.py is the model's code, and only runs when asked."""
+    import torch
+
+    model_dir, expected = mean_pooled_export
+    refused = _load_in_fresh_python(model_dir, tmp_path / "refused", before="", trust=", trust_remote_code=False")
+    assert "trust_remote_code" in refused["error"]  # rather than silently pooling [CLS]
+    trusted = _load_in_fresh_python(model_dir, tmp_path / "trusted", before="", trust=", trust_remote_code=True")
+    assert torch.allclose(torch.tensor(trusted["probabilities"]), torch.tensor(expected), atol=1e-5)
+    assert trusted["modules_cache"] and trusted["foreign"]  # this time it ran the folder's pooling.py, and the check sees it

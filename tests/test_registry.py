@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.client.credentials import key_fingerprint, load_node_public_key, make_node_keys
 from fedtune.coordinator.registry import RegistryError, admit, control_client, expel, reconcile, superlink_nodes
 from fedtune.coordinator.service import (
     CONNECTION,
@@ -19,7 +20,6 @@ from fedtune.coordinator.service import (
     start_superlink,
     stop_process,
 )
-from fedtune.privacy.certs import key_fingerprint, load_node_public_key, make_node_keys
 
 BIN = Path(sys.executable).parent
 
