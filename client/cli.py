@@ -6,15 +6,33 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
+if TYPE_CHECKING:
+    from fedtune.client.config import ColumnSpec, PrivacySpec, TrainSpec
+
 DP_OFF_WARNING = (
     "DIFFERENTIAL PRIVACY IS OFF (--no-dp). This client's model updates carry no formal privacy guarantee "
     "for the rows in its data file."
 )
+
+
+def _node_settings() -> list:
+    """This data holder's own settings, as flags of `start`: data columns, expected labels, privacy, device."""
+    from fedtune.client.config import ClientConfig, ColumnSpec, PrivacySpec, TrainSpec
+    from fedtune.client.settings import NODE, settings
+
+    return [*settings(ColumnSpec), *settings(ClientConfig), *settings(PrivacySpec), *settings(TrainSpec, NODE)]
+
+
+def _node_flags(start: argparse.ArgumentParser) -> None:
+    from fedtune.client.settings import add_flags
+
+    add_flags(start, _node_settings())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,16 +48,7 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--ca", type=Path, help="the coordinator's ca.pem (from its operator)")
     start.add_argument("--key", type=Path, required=True, help="this node's node.key (from `fedtune-client keygen`)")
     start.add_argument("--data", type=Path, required=True, help="local CSV/TSV/JSONL/Parquet file; its rows stay here")
-    start.add_argument("--text-column", default="text", help="text column (default text)")
-    start.add_argument("--label-column", default="label", help="label column (default label)")
-    start.add_argument("--labels", help="comma-separated label names expected in the file (checked before joining)")
-    start.add_argument("--epsilon", type=float, default=8.0, help="target epsilon for the run (default 8)")
-    start.add_argument("--budget-epsilon", type=float, help="hard limit; rounds that would exceed it are declined")
-    start.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    start.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm (default 1.0)")
-    start.add_argument("--accountant", default="rdp", help="rdp | prv (default rdp)")
-    start.add_argument("--no-dp", action="store_true", help="turn differential privacy OFF for this client (loud)")
-    start.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    _node_flags(start)
     start.add_argument("--home", type=Path, default=Path.home() / ".fedtune" / "client", help="state and logs folder")
     start.add_argument("--runtime-port", type=int, default=9094, help="local port for Flower's ClientApp runtime")
     start.add_argument("--insecure", action="store_true", help="no TLS (testing only; loudly flagged)")
@@ -82,7 +91,7 @@ def show_budget(args: argparse.Namespace, console: Console) -> int:
 
 
 def keygen(args: argparse.Namespace, console: Console) -> int:
-    from fedtune.privacy.certs import key_fingerprint, load_node_public_key, make_node_keys
+    from fedtune.client.credentials import key_fingerprint, load_node_public_key, make_node_keys
 
     if (args.out / "node.key").exists() and not args.force:
         console.print(f"fedtune-client: {args.out / 'node.key'} already exists; keeping it (use --force to replace)")
@@ -94,27 +103,35 @@ def keygen(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def node_settings(args: argparse.Namespace) -> tuple[PrivacySpec, TrainSpec, ColumnSpec, tuple[str, ...] | None]:
+    """This node's privacy, device and columns from `start`'s flags (typed as a TOML file's would be), and the
+    labels it expects (None: any)."""
+    from fedtune.client.config import ClientConfig, ColumnSpec, PrivacySpec, TrainSpec
+    from fedtune.client.settings import NODE, from_flat, key
+
+    given = {key(f): getattr(args, key(f)) for f in _node_settings() if hasattr(args, key(f))}
+    return (
+        PrivacySpec(**from_flat(PrivacySpec, given)),
+        TrainSpec(**from_flat(TrainSpec, given, NODE)),
+        ColumnSpec(**from_flat(ColumnSpec, given)),
+        from_flat(ClientConfig, given).get("labels") or None,
+    )
+
+
 def start(args: argparse.Namespace, console: Console) -> int:
     import datasets
 
-    from fedtune.client.config import PrivacySpec
+    from fedtune.client.config import node_config
     from fedtune.client.data import load_examples
     from fedtune.client.supernode import NodeSettings, check_files, run_supernode
     from fedtune.privacy.ledger import Ledger, fingerprint_rows
 
     if args.ca is None and not args.insecure:
         raise ValueError("--ca is required (the coordinator's ca.pem); only --insecure runs without it")
-    privacy = PrivacySpec(
-        enabled=not args.no_dp,
-        target_epsilon=args.epsilon,
-        delta=args.delta,
-        max_grad_norm=args.max_grad_norm,
-        accountant=args.accountant,
-        budget_epsilon=args.budget_epsilon,
-    )
+    privacy, train, columns, labels = node_settings(args)
     datasets.disable_progress_bars()  # reading a local file is quick; a bar per split is noise
-    labels = tuple(x.strip() for x in args.labels.split(",")) if args.labels else None
-    examples, found = load_examples(args.data, labels, args.text_column, args.label_column)
+    examples, found = load_examples(args.data, labels, columns.text_column, columns.label_column)
+    ledger_path = str((args.ledger or args.home / "ledger.json").resolve())
     settings = NodeSettings(
         coordinator=args.coordinator,
         ca=None if args.insecure else args.ca.resolve(),
@@ -123,19 +140,7 @@ def start(args: argparse.Namespace, console: Console) -> int:
         home=args.home.resolve(),
         runtime_port=args.runtime_port,
         insecure=args.insecure,
-        node_config={
-            "data-path": str(args.data.resolve()),
-            "text-column": args.text_column,
-            "label-column": args.label_column,
-            "dp": privacy.enabled,
-            "epsilon": privacy.target_epsilon,
-            "budget-epsilon": privacy.budget,
-            "delta": privacy.delta,
-            "max-grad-norm": privacy.max_grad_norm,
-            "accountant": privacy.accountant,
-            "device": args.device,
-            "ledger": str((args.ledger or args.home / "ledger.json").resolve()),
-        },
+        node_config=node_config(privacy, train, columns, str(args.data.resolve()), ledger_path),
     )
     fingerprint = check_files(settings)
     ledger = Ledger(settings.node_config["ledger"])
@@ -143,7 +148,7 @@ def start(args: argparse.Namespace, console: Console) -> int:
     spent = ledger.spent(data_key, privacy.delta, privacy.accountant) if privacy.enabled else 0.0
     if privacy.enabled and spent > 0:
         console.print(f"fedtune-client: the ledger says epsilon {spent:.3f} of {privacy.budget:g} is already spent on this data")
-    if args.no_dp:
+    if not privacy.enabled:
         console.print(Panel(DP_OFF_WARNING, title="WARNING", style="bold red"))
     if args.insecure:
         console.print(Panel("TLS IS OFF (--insecure): updates cross the network unencrypted.", style="bold red"))
@@ -165,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     console = Console(stderr=True)
     from fedtune.client.config import ConfigError
+    from fedtune.client.credentials import CertificateError
     from fedtune.client.data import DataError
     from fedtune.client.supernode import ClientStartError
-    from fedtune.privacy.certs import CertificateError
     from fedtune.privacy.ledger import LedgerError
 
     try:

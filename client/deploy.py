@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -12,104 +12,97 @@ from flwr.clientapp import ClientApp
 
 from fedtune.client import wire
 from fedtune.client.app import handle_evaluate, handle_train
-from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
+from fedtune.client.config import ClientConfig, ColumnSpec, ModelSpec, PrivacySpec, TrainSpec
 from fedtune.client.data import load_examples
+from fedtune.client.settings import NODE, RUN, coerce, from_flower, key, settings
 
 # The run (chosen by the coordinator) fixes what is trained and how; the node (the data holder's own
-# `fedtune-client start` flags) fixes which file is read and how much privacy may be spent.
-RUN_KEYS = {
-    "model": ("model", "name", str),
-    "lora": ("model", "lora", bool),
-    "lora-r": ("model", "lora_r", int),
-    "max-length": ("model", "max_length", int),
-    "pooler": ("model", "pooler", str),
-    "optimizer": ("train", "optimizer", str),
-    "learning-rate": ("train", "learning_rate", float),
-    "head-learning-rate": ("train", "head_learning_rate", float),
-    "batch-size": ("train", "batch_size", int),
-    "local-epochs": ("train", "local_epochs", int),
-    "lr-schedule": ("train", "lr_schedule", str),
-    "seed": ("train", "seed", int),
-}
-NODE_KEYS = {
-    "dp": ("privacy", "enabled", bool),
-    "epsilon": ("privacy", "target_epsilon", float),
-    "delta": ("privacy", "delta", float),
-    "budget-epsilon": ("privacy", "budget_epsilon", float),
-    "max-grad-norm": ("privacy", "max_grad_norm", float),
-    "accountant": ("privacy", "accountant", str),
-    "device": ("train", "device", str),
-}
-
-
-def _labels(run_config: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(x.strip() for x in str(run_config["labels"]).split(",") if x.strip())
+# `fedtune-client start` flags) fixes which file is read and how much privacy may be spent. Which is which is
+# each setting's scope (client/config.py); the Flower keys are the settings' keys with dashes.
+LABELS = next(f for f in settings(ClientConfig) if key(f) == "labels")
 
 
 def config_from_context(run_config: dict[str, Any], node_config: dict[str, Any]) -> ClientConfig:
     """This node's ClientConfig: model and training from the run, privacy and device from the node."""
-    parts: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "privacy": {}}
-    for source, keys in ((run_config, RUN_KEYS), (node_config, NODE_KEYS)):
-        for key, (part, name, kind) in keys.items():
-            if key in source:
-                parts[part][name] = kind(source[key])
     return ClientConfig(
-        labels=_labels(run_config),
-        model=ModelSpec(**parts["model"]),
-        privacy=PrivacySpec(**parts["privacy"]),
-        train=TrainSpec(**parts["train"]),
+        labels=coerce(LABELS, run_config["labels"]),
+        model=ModelSpec(**from_flower(ModelSpec, run_config, RUN)),
+        privacy=PrivacySpec(**from_flower(PrivacySpec, node_config, NODE)),
+        train=TrainSpec(**from_flower(TrainSpec, run_config, RUN), **from_flower(TrainSpec, node_config, NODE)),
     )
 
 
-@functools.lru_cache(maxsize=4)
-def _read(path: str, labels: tuple[str, ...], text_column: str, label_column: str) -> datasets.Dataset:
-    return load_examples(path, labels, text_column, label_column)[0]
+class NodeFiles:
+    """The data files this node has read, kept while its runtime lives (it serves many rounds and runs)."""
+
+    KEEP = 4  # files kept; a node normally has one
+
+    def __init__(self) -> None:
+        self._read: dict[tuple[str, tuple[str, ...], str, str], datasets.Dataset] = {}
+
+    def read(self, path: str, labels: tuple[str, ...], columns: ColumnSpec) -> datasets.Dataset:
+        k = (path, labels, columns.text_column, columns.label_column)
+        if k not in self._read:
+            while len(self._read) >= self.KEEP:
+                self._read.pop(next(iter(self._read)))
+            self._read[k] = load_examples(path, labels, columns.text_column, columns.label_column)[0]
+        return self._read[k]
+
+    def reset(self) -> None:
+        """Forget every file read; the next round reads its file again."""
+        self._read.clear()
 
 
-@functools.cache
-def node_data(labels: tuple[str, ...]):
-    """The DataFn of a deployed node: its own file, named in its node config, read on its own host."""
+@dataclass(frozen=True)
+class NodeData:
+    """The DataFn of a deployed node: its own file, named in its node config, read on its own host.
 
-    def data_fn(node_config: dict[str, Any]) -> datasets.Dataset:
-        return _read(
-            str(node_config["data-path"]),
-            labels,
-            str(node_config.get("text-column", "text")),
-            str(node_config.get("label-column", "label")),
-        )
+    Equal (and hashing the same) by labels alone, as the client's tokenised-data cache expects of a DataFn.
+    """
 
-    return data_fn
+    labels: tuple[str, ...]
+    files: NodeFiles = field(default_factory=NodeFiles, compare=False, repr=False)
 
-
-app = ClientApp()
+    def __call__(self, node_config: dict[str, Any]) -> datasets.Dataset:
+        columns = ColumnSpec(**from_flower(ColumnSpec, node_config, NODE))
+        return self.files.read(str(node_config["data-path"]), self.labels, columns)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg = config_from_context(dict(context.run_config), dict(context.node_config))
-    server_round = int(msg.content["config"]["server-round"])
-    print(f"fedtune-client: round {server_round}: training", file=sys.stderr, flush=True)
-    reply = handle_train(msg, context, cfg, node_data(cfg.labels), {})
-    _show(reply, server_round)
-    return reply
+def make_app(files: NodeFiles | None = None) -> ClientApp:
+    """fedtune's deployed ClientApp; `files` holds what it reads (a fresh holder unless given)."""
+    files = files or NodeFiles()
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = config_from_context(dict(context.run_config), dict(context.node_config))
+        server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+        print(f"fedtune-client: round {server_round}: training", file=sys.stderr, flush=True)
+        reply = handle_train(msg, context, cfg, NodeData(cfg.labels, files), {})
+        _show(reply, server_round)
+        return reply
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        cfg = config_from_context(dict(context.run_config), dict(context.node_config))
+        return handle_evaluate(msg, context, cfg, NodeData(cfg.labels, files))
+
+    return client_app
 
 
 def _show(reply: Message, server_round: int) -> None:
     # The data holder watches its own spending; this goes to `fedtune-client`'s terminal, not to the coordinator.
-    m = reply.content[wire.METRICS]
-    if m.get(wire.DECLINED):
-        text = f"round {server_round}: declined, the round would exceed the budget {m['budget-epsilon']:g}"
-    elif wire.EPSILON in m:
+    r = wire.TrainReply.from_metrics(reply.content[wire.METRICS])
+    if r.declined and r.privacy:
+        text = f"round {server_round}: declined, the round would exceed the budget {r.privacy.budget_epsilon:g}"
+    elif r.privacy:
         text = (
-            f"round {server_round}: trained; epsilon {m[wire.EPSILON]:.3f} of budget {m['budget-epsilon']:g} "
-            f"(delta {m['delta']:g})"
+            f"round {server_round}: trained; epsilon {r.privacy.epsilon:.3f} of budget {r.privacy.budget_epsilon:g} "
+            f"(delta {r.privacy.delta:g})"
         )
     else:
         text = f"round {server_round}: trained WITHOUT differential privacy"
     print(f"fedtune-client: {text}", file=sys.stderr, flush=True)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    cfg = config_from_context(dict(context.run_config), dict(context.node_config))
-    return handle_evaluate(msg, context, cfg, node_data(cfg.labels))
+app = make_app()  # what Flower and client/runtime.py load: fedtune.client.deploy:app

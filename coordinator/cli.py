@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -12,9 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 
-from fedtune.coordinator.config import CoordinatorConfigError
-from fedtune.coordinator.service_config import DEFAULT_PORT, ServiceConfig, read_service_config
-from fedtune.privacy.certs import CertificateError
+from fedtune.client.credentials import CertificateError
+from fedtune.client.settings import ConfigError, add_flags, from_flat, parse_labels
+from fedtune.coordinator.service_config import FIELDS, ServiceConfig, read_service_config
 
 DEFAULT_CONFIG = Path("coord/coordinator.toml")
 
@@ -32,8 +33,7 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="a DNS name or IP address clients use to reach this host (repeatable; localhost and 127.0.0.1 always included)",
     )
-    init.add_argument("--listen", default="0.0.0.0", help="address the SuperLink binds (default 0.0.0.0)")
-    init.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the one port clients connect to (default {DEFAULT_PORT})")
+    add_flags(init, [FIELDS["listen"], FIELDS["port"]])
     init.add_argument("--force", action="store_true", help="replace existing certificates and settings")
 
     for name, help_ in (("register", "allow a node's public key (node.pub)"), ("revoke", "stop allowing a node")):
@@ -46,10 +46,8 @@ def parser() -> argparse.ArgumentParser:
 
     start = sub.add_parser("start", help="start the SuperLink and run the federation")
     start.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="coordinator.toml (default coord/coordinator.toml)")
-    start.add_argument("--rounds", dest="num_rounds", type=int, help="override num_rounds")
-    start.add_argument("--min-clients", dest="min_clients", type=int, help="override min_clients")
-    start.add_argument("--strategy", help="override strategy (fedavg | fedprox | fedadam)")
-    start.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (testing only; loud)")
+    # Every setting of coordinator.toml (but the certificate's host names) overrides the file from here.
+    add_flags(start, [f for f in FIELDS.values() if f.name != "home"])
     start.add_argument(
         "--resume",
         type=Path,
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(args, console)
-    except (CoordinatorConfigError, CertificateError, ServiceError, RegistryError, OSError) as err:
+    except (ConfigError, CertificateError, ServiceError, RegistryError, OSError) as err:
         # soft_wrap: the error stays one greppable line; escape: messages may hold [brackets]
         console.print(f"[bold red]fedtune-coordinator: error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
@@ -91,11 +89,12 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     from fedtune.coordinator import service
 
     if args.command == "init":
-        labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
+        given = from_flat(ServiceConfig, {k: v for k, v in vars(args).items() if k in ("listen", "port")})
+        cfg = ServiceConfig(home=args.out.resolve(), labels=parse_labels(args.labels), **given)
         hosts = tuple(dict.fromkeys(["localhost", "127.0.0.1", *args.host]))
-        if args.listen not in ("0.0.0.0", "::"):
-            hosts = tuple(dict.fromkeys([*hosts, args.listen]))
-        cfg = ServiceConfig(home=args.out.resolve(), labels=labels, listen=args.listen, port=args.port, hosts=hosts)
+        if cfg.listen not in ("0.0.0.0", "::"):
+            hosts = tuple(dict.fromkeys([*hosts, cfg.listen]))
+        cfg = dataclasses.replace(cfg, hosts=hosts)
         written = service.init_home(cfg, force=args.force)
         console.print(f"wrote {', '.join(str(p) for p in written)}")
         console.print(
@@ -128,11 +127,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    keys = ("num_rounds", "min_clients", "strategy")
-    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if getattr(args, "insecure", False):
-        out["insecure"] = True
-    return out
+    """The settings given as flags (strings; read_service_config types them as it does the file's)."""
+    return {k: v for k, v in vars(args).items() if k in FIELDS and k != "home"}
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""The coordinator's configuration: labels, model, rounds, strategy and where results go."""
+"""The coordinator's settings (rounds, strategy, deadlines, central DP), each defined once, validated once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtune.client.config import ClientConfig, ConfigError
 from fedtune.client.model import ModelSpec
-from fedtune.privacy.update_codec import ENCODINGS
+from fedtune.client.settings import check_choices, same, setting
+from fedtune.client.update_codec import ENCODINGS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
 
-class CoordinatorConfigError(ValueError):
+class CoordinatorConfigError(ConfigError):
     """A coordinator setting is invalid; the message says which and why."""
 
 
@@ -19,36 +21,42 @@ class CoordinatorConfigError(ValueError):
 class CoordinatorConfig:
     """How the federation runs; validated on construction."""
 
-    labels: tuple[str, ...]
-    out_dir: Path
+    labels: tuple[str, ...] = same(ClientConfig, "labels")
+    out_dir: Path  # where results go; chosen by whoever starts the run, not a setting
     model: ModelSpec = field(default_factory=ModelSpec)
-    num_rounds: int = 5
-    strategy: str = "fedavg"
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_clients: int = 2
-    wait_for_clients: int = 0  # clients connected before round 1 starts, when more than min_clients
-    proximal_mu: float = 0.01  # FedProx only
-    server_learning_rate: float = 0.01  # FedAdam only (eta)
-    round_timeout: float = 3600.0  # deadline of each phase (train, evaluate) of a round, in seconds
-    round_retries: int = 1  # a round that too few clients answered is sent again this often, then the run stops
-    join_timeout: float = 600.0  # how long to wait for min_clients to connect before giving up
-    trim_fraction: float = 0.2  # fedtrimmedavg: share cut from each end per coordinate
-    num_malicious: int = 0  # krum / multikrum: clients assumed Byzantine
-    max_update_norm: float = 1e4  # updates farther than this from the global weights are rejected
+    num_rounds: int = setting(5, flag="--rounds", help="federated rounds")
+    strategy: str = setting(
+        "fedavg",
+        choices=STRATEGIES,
+        help="aggregation: fedprox uses --proximal-mu, fedadam --server-lr, fedtrimmedavg --trim-fraction, "
+        "krum/multikrum --num-malicious",
+    )
+    fraction_train: float = setting(1.0, flag="--fraction", aliases=("fraction",), help="share of clients trained per round")
+    fraction_evaluate: float = setting(1.0, help="share of clients evaluating the global model on their local split")
+    min_clients: int = setting(2, help="replies a training round needs to be aggregated (at most the clients there are)")
+    wait_for_clients: int = setting(0, help="clients connected before round 1 starts, when more than min_clients")
+    proximal_mu: float = setting(0.01, help="FedProx proximal term")
+    server_learning_rate: float = setting(0.01, flag="--server-lr", help="FedAdam server learning rate (eta)")
+    round_timeout: float = setting(3600.0, help="seconds each phase (train, evaluate) of a round waits for clients")
+    round_retries: int = setting(1, help="times a round too few clients answered is sent again before the run stops")
+    join_timeout: float = setting(600.0, help="seconds to wait for enough clients to connect before giving up")
+    trim_fraction: float = setting(0.2, help="fedtrimmedavg: share cut from each end per coordinate")
+    num_malicious: int = setting(0, help="krum/multikrum: clients assumed Byzantine")
+    max_update_norm: float = setting(1e4, help="updates farther than this from the global weights are rejected")
     # User-level (client-level) central DP: clip each client's update, add noise to the aggregate.
-    central_dp: bool = False
-    central_noise_multiplier: float = 1.0
-    central_clipping_norm: float = 1.0
-    central_delta: float = 1e-5
-    update_encoding: str = "float32"  # how clients send updates: float32, or int8 (8-bit quantised difference)
+    central_dp: bool = setting(False, help="add user-level DP on the coordinator (DP-FedAvg), on top of DP-SGD")
+    central_noise_multiplier: float = setting(1.0, flag="--central-noise", help="central DP noise multiplier")
+    central_clipping_norm: float = setting(1.0, flag="--central-clip", help="central DP clipping norm of each client's update")
+    central_delta: float = setting(1e-5, help="central DP delta (of the client-level guarantee)")
+    update_encoding: str = setting(
+        "float32", choices=ENCODINGS, help="how clients send updates; int8: 8-bit quantised difference (~4x smaller)"
+    )
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     metadata: dict = field(default_factory=dict)  # extra facts recorded in results.json
 
     def __post_init__(self) -> None:
         checks = [
             (self.num_rounds >= 1, f"rounds must be >= 1, got {self.num_rounds}"),
-            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
             (
                 0 < self.fraction_train <= 1,
                 f"fraction of clients per round must be in (0, 1], got {self.fraction_train}",
@@ -67,12 +75,12 @@ class CoordinatorConfig:
             (self.central_noise_multiplier > 0, f"central noise multiplier must be > 0, got {self.central_noise_multiplier}"),
             (self.central_clipping_norm > 0, f"central clipping norm must be > 0, got {self.central_clipping_norm}"),
             (0 < self.central_delta < 1, f"central delta must be in (0, 1), got {self.central_delta}"),
-            (
-                self.update_encoding in ENCODINGS,
-                f"update encoding must be one of {', '.join(ENCODINGS)}, got {self.update_encoding!r}",
-            ),
             (not self.central_dp or self.strategy in ("fedavg", "fedprox"), "central DP wraps fedavg or fedprox only"),
         ]
         for ok, message in checks:
             if not ok:
                 raise CoordinatorConfigError(message)
+        try:
+            check_choices(self)
+        except ConfigError as err:
+            raise CoordinatorConfigError(str(err)) from None

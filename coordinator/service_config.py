@@ -4,183 +4,139 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.coordinator.config import STRATEGIES, CoordinatorConfigError
+from fedtune.client.config import ConfigError, ModelSpec, TrainSpec
+from fedtune.client.settings import (
+    RUN,
+    SERVICE,
+    check_keys,
+    compose,
+    from_flat,
+    key,
+    load_toml,
+    setting,
+    settings,
+    to_flower,
+)
+from fedtune.coordinator.config import CoordinatorConfig, CoordinatorConfigError
 
 DEFAULT_PORT = 9443
 
 
 @dataclass(frozen=True)
-class ServiceConfig:
-    """Everything `fedtune-coordinator start` needs; paths are relative to the folder holding the file."""
+class ServiceSpec:
+    """Settings only the service has: where its one public port listens, and which names it answers to."""
 
-    home: Path  # the folder `init` made: TLS files, registered nodes, SuperLink database, runs
-    labels: tuple[str, ...]
-    listen: str = "0.0.0.0"  # SuperLink's address for data holders; 127.0.0.1 for a single-host trial
-    port: int = DEFAULT_PORT
-    hosts: tuple[str, ...] = ("localhost", "127.0.0.1")  # names clients use; they are in the certificate
-    insecure: bool = False
-    # the run
-    model: str = "minilm"
-    lora: bool = True
-    lora_r: int = 8
-    max_length: int = 64
-    pooler: str = "auto"
-    num_rounds: int = 5
-    strategy: str = "fedavg"
-    min_clients: int = 2
-    wait_for_clients: int = 0  # clients connected before round 1 starts (0: min_clients); later rounds need min_clients
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
-    round_timeout: float = 3600.0  # seconds each phase of a round waits; clients that miss it are dropped
-    round_retries: int = 1  # a round too few clients answered is sent again this often, then the run stops
-    join_timeout: float = 600.0
-    max_update_norm: float = 1e4
-    update_encoding: str = "float32"  # or "int8": clients send 8-bit quantised differences (about 4x fewer bytes)
-    central_dp: bool = False  # user-level DP-FedAvg on top of the clients' DP-SGD
-    central_noise_multiplier: float = 1.0
-    central_clipping_norm: float = 1.0
-    central_delta: float = 1e-5
-    # clients' local training (the same for every client; privacy is each data holder's own setting)
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
-    head_learning_rate: float = 2.0
-    batch_size: int = 128
-    local_epochs: int = 1
-    lr_schedule: str = "constant"  # or "cosine": both learning rates decay over the rounds
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    listen: str = setting("0.0.0.0", scope=SERVICE, help="address the public port binds; 127.0.0.1 for a single-host trial")
+    port: int = setting(DEFAULT_PORT, scope=SERVICE, help="the one port clients connect to")
+    hosts: tuple[str, ...] = setting(
+        ("localhost", "127.0.0.1"), scope=SERVICE, cli=False, help="names clients use; they are in the certificate"
+    )
+    insecure: bool = setting(False, scope=SERVICE, help="no TLS and no node authentication (testing only; loud)")
+
+
+# What coordinator.toml holds: the service's own settings, the coordinator's, and the run settings every client
+# receives (model and local training; privacy and device are each data holder's own).
+ROLES: tuple[type, ...] = (ServiceSpec, CoordinatorConfig, ModelSpec, TrainSpec)
+
+
+class _Methods:
+    """What `fedtune-coordinator start` needs besides the settings; paths are relative to the folder holding the file."""
+
+    __slots__ = ()
 
     def __post_init__(self) -> None:
+        s: Any = self
         checks = [
-            (len(self.labels) >= 2, f"labels: need at least two label names, got {list(self.labels)}"),
-            (1 <= self.port <= 65535, f"port must be in 1..65535, got {self.port}"),
-            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
-            (self.min_clients >= 1, f"min_clients must be >= 1, got {self.min_clients}"),
+            (len(s.labels) >= 2, f"labels: need at least two label names, got {list(s.labels)}"),
+            (1 <= s.port <= 65535, f"port must be in 1..65535, got {s.port}"),
             (
-                self.wait_for_clients == 0 or self.wait_for_clients >= self.min_clients,
-                f"wait_for_clients must be 0 (= min_clients) or >= min_clients ({self.min_clients}), got {self.wait_for_clients}",
+                s.wait_for_clients == 0 or s.wait_for_clients >= s.min_clients,
+                f"wait_for_clients must be 0 (= min_clients) or >= min_clients ({s.min_clients}), got {s.wait_for_clients}",
             ),
-            (self.num_rounds >= 1, f"num_rounds must be >= 1, got {self.num_rounds}"),
-            (
-                self.lr_schedule in ("constant", "cosine"),  # as the clients' TrainSpec checks, but before any joins
-                f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}",
-            ),
-            (self.round_timeout > 0, f"round_timeout must be > 0 seconds, got {self.round_timeout}"),
-            (self.round_retries >= 0, f"round_retries must be >= 0, got {self.round_retries}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise CoordinatorConfigError(message)
+        try:  # each role checks its own settings, before any client joins
+            for cls in (ModelSpec, TrainSpec):
+                cls(**from_flat(cls, self.settings(), RUN))
+            CoordinatorConfig(**from_flat(CoordinatorConfig, self.settings()), out_dir=s.home)
+        except CoordinatorConfigError:
+            raise
+        except ConfigError as err:
+            raise CoordinatorConfigError(str(err)) from None
+
+    def settings(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in settings(type(self))}
 
     @property
     def clients_before_round_1(self) -> int:
-        return self.wait_for_clients or self.min_clients
+        s: Any = self
+        return s.wait_for_clients or s.min_clients
 
     # Where `init` puts things.
     @property
     def tls_dir(self) -> Path:
-        return self.home / "tls"
+        return self.home / "tls"  # type: ignore[attr-defined]
 
     @property
     def nodes_dir(self) -> Path:
-        return self.home / "nodes"
+        return self.home / "nodes"  # type: ignore[attr-defined]
 
     @property
     def state_dir(self) -> Path:
-        return self.home / "state"
+        return self.home / "state"  # type: ignore[attr-defined]
 
     @property
     def runs_dir(self) -> Path:
-        return self.home / "runs"
+        return self.home / "runs"  # type: ignore[attr-defined]
 
     def run_config(self, out_dir: Path, resume: bool = False) -> dict[str, Any]:
-        """The Flower run configuration the ServerApp and every ClientApp read (see */deploy.py);
-        `resume` continues the run in out_dir from its last checkpoint."""
-        return {
-            "labels": ",".join(self.labels),
-            "out-dir": str(out_dir.resolve()),
-            "model": self.model,
-            "lora": self.lora,
-            "lora-r": self.lora_r,
-            "max-length": self.max_length,
-            "pooler": self.pooler,
-            "num-rounds": self.num_rounds,
-            "strategy": self.strategy,
-            "min-clients": self.min_clients,
+        """The Flower run configuration the ServerApp and every ClientApp read (see */deploy.py): every run
+        setting under its Flower key; `resume` continues the run in out_dir from its last checkpoint."""
+        s: Any = self
+        return to_flower(self, RUN) | {
             "wait-for-clients": self.clients_before_round_1,
-            "fraction-train": self.fraction_train,
-            "fraction-evaluate": self.fraction_evaluate,
-            "proximal-mu": self.proximal_mu,
-            "server-learning-rate": self.server_learning_rate,
-            "round-timeout": self.round_timeout,
-            "round-retries": self.round_retries,
+            "out-dir": str(out_dir.resolve()),
             "resume": resume,
-            "join-timeout": self.join_timeout,
-            "max-update-norm": self.max_update_norm,
-            "update-encoding": self.update_encoding,
-            "central-dp": self.central_dp,
-            "central-noise-multiplier": self.central_noise_multiplier,
-            "central-clipping-norm": self.central_clipping_norm,
-            "central-delta": self.central_delta,
-            "optimizer": self.optimizer,
-            "learning-rate": self.learning_rate,
-            "head-learning-rate": self.head_learning_rate,
-            "batch-size": self.batch_size,
-            "local-epochs": self.local_epochs,
-            "lr-schedule": self.lr_schedule,
-            "seed": self.seed,
-            "metadata": json.dumps({"service": {"port": self.port, "insecure": self.insecure}}),
+            "metadata": json.dumps({"service": {"port": s.port, "insecure": s.insecure}}),
         }
 
     def to_toml(self) -> str:
         lines = ["# fedtune coordinator settings (written by `fedtune-coordinator init`; edit freely)"]
-        for f in dataclasses.fields(self):
-            if f.name in ("home", "extra"):
-                continue
+        for f in settings(type(self)):
             value = getattr(self, f.name)
-            lines.append(f"{f.name} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
+            lines.append(f"# {f.metadata['help']}" + (f" ({', '.join(f.metadata['choices'])})" if f.metadata["choices"] else ""))
+            lines.append(f"{key(f)} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
         return "\n".join(lines) + "\n"
 
+
+_HOME = ("home", "Path", dataclasses.field())  # the folder `init` made: TLS files, registered nodes, database, runs
+ServiceConfig = dataclasses.make_dataclass(
+    "ServiceConfig",
+    [_HOME, *compose(*ROLES, first=("labels",), scopes=(RUN, SERVICE))],
+    bases=(_Methods,),
+    frozen=True,
+)
+ServiceConfig.__module__ = __name__  # pickle finds it here
+ServiceConfig.__doc__ = "Everything `fedtune-coordinator start` needs: the settings of " + ", ".join(r.__name__ for r in ROLES)
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
 
 
-def read_service_config(path: Path, overrides: dict[str, Any] | None = None) -> ServiceConfig:
-    """Read coordinator.toml (then apply command-line overrides), with errors that name the key."""
-    if not path.is_file():
-        raise CoordinatorConfigError(f"{path} does not exist; create it with `fedtune-coordinator init`")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise CoordinatorConfigError(f"{path} is not valid TOML: {err}") from None
+def read_service_config(path: Path, overrides: dict[str, Any] | None = None) -> Any:
+    """Read coordinator.toml (then apply command-line overrides), with errors that name the file and the key."""
+    data = load_toml(path, CoordinatorConfigError, "create it with `fedtune-coordinator init`")
     data |= overrides or {}
-    unknown = sorted(set(data) - set(FIELDS) - {"home"})
-    if unknown:
-        raise CoordinatorConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-    values: dict[str, Any] = {}
-    for name, value in data.items():
-        default = FIELDS[name].default
-        if isinstance(default, tuple) or name == "labels":
-            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-                raise CoordinatorConfigError(f"{path}: {name} must be a list of strings")
-            value = tuple(value)
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise CoordinatorConfigError(f"{path}: {name} must be true or false, got {value!r}")
-        elif isinstance(default, int | float) and not isinstance(default, bool):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise CoordinatorConfigError(f"{path}: {name} must be a number, got {value!r}")
-            value = type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise CoordinatorConfigError(f"{path}: {name} must be a string, got {value!r}")
-        values[name] = value
-    if "labels" not in values:
+    check_keys(data, ServiceConfig, str(path), CoordinatorConfigError)
+    if "labels" not in data:
         raise CoordinatorConfigError(f'{path}: labels is required, e.g. labels = ["negative", "positive"]')
+    try:
+        values = from_flat(ServiceConfig, data)
+    except ConfigError as err:
+        raise CoordinatorConfigError(f"{path}: {err}") from None
     return ServiceConfig(home=path.parent.resolve(), **values)

@@ -1,150 +1,102 @@
-"""The simulation's one configuration object: defaults <- TOML file <- command-line flags, validated once."""
+"""The simulation's one configuration object: every role's settings, flat; defaults <- TOML file <- flags, validated once."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import json
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from fedtune.client.config import DEFAULT_MODEL
+from fedtune.client.config import ConfigError, ModelSpec, PrivacySpec, TrainSpec
+from fedtune.client.settings import check_keys, coerce, compose, from_flat, key, load_toml, setting, settings
+from fedtune.coordinator.config import CoordinatorConfig
+from fedtune.simulations.datasets import DataSpec
+
+T = TypeVar("T")
 
 
-class SimulationConfigError(ValueError):
+class SimulationConfigError(ConfigError):
     """The simulation configuration is invalid; the message says which setting and why."""
 
 
 @dataclass(frozen=True)
-class SimulationConfig:
-    """Every knob of `fedtune-simulate`; field names are the TOML keys (flags use dashes)."""
+class SimulationRun:
+    """Settings only a simulation has: where it runs and writes, and the simulated data holders' ledger."""
 
-    # federation
-    num_clients: int = 10
-    num_rounds: int = 5
-    fraction: float = 1.0
-    fraction_evaluate: float = 1.0
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
-    trim_fraction: float = 0.2
-    num_malicious: int = 0
-    max_update_norm: float = 1e4
-    update_encoding: str = "float32"
-    round_timeout: float = 3600.0
-    round_retries: int = 1
-    # data
-    dataset: str = "vader"
-    text_column: str = "text"
-    label_column: str = "label"
-    labels: tuple[str, ...] = ()
-    test_fraction: float = 0.15
-    test_dataset: str = ""  # a separate file for the central evaluation; then test_fraction is unused
-    partitioning: str = "dirichlet"
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    # model
-    model: str = DEFAULT_MODEL
-    lora: bool = True
-    lora_r: int = 8
-    max_length: int = 64
-    pooler: str = "auto"
-    # privacy
-    dp: bool = True
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
-    budget_epsilon: float = 0.0  # every client's hard limit; 0 means the target epsilon
-    client_budgets: dict[int, float] = field(default_factory=dict)  # client id -> epsilon budget
-    ledger: str = ""
-    central_dp: bool = False  # user-level DP on the coordinator (DP-FedAvg), on top of DP-SGD
-    central_noise_multiplier: float = 1.0
-    central_clipping_norm: float = 1.0
-    central_delta: float = 1e-5  # a privacy ledger file: epsilon then composes across runs on the same data
-    # local training
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
-    head_learning_rate: float = 2.0
-    batch_size: int = 128
-    physical_batch_size: int = 32  # rows per length-sorted forward/backward pass (0: one pass per batch)
-    local_epochs: int = 1
-    lr_schedule: str = "constant"  # or "cosine": both learning rates decay over the rounds
-    eval_fraction: float = 0.2  # share of each client's data kept for its local evaluation
-    # run
-    seed: int = 0
-    device: str = "auto"
-    out: str = ""
-    cpus_per_client: float = 1.0
-    gpus_per_client: float = 0.0
-    ray_address: str = ""  # an existing Ray cluster (ray.init(address=...)); empty: a private one on loopback
-    verbose: bool = False
+    client_budgets: dict[int, float] = setting(
+        {}, flag="--client-budget", metavar="ID=EPSILON", help="a smaller epsilon budget for one client (repeatable)"
+    )
+    ledger: str = setting("", help="privacy ledger file; epsilon then composes across runs on the same data")
+    out: str = setting("", help="run folder (default runs/<timestamp>)")
+    cpus_per_client: float = setting(1.0, help="CPU cores reserved per simulated client")
+    gpus_per_client: float = setting(0.0, help="GPU share per simulated client (0: 0.5 on CUDA, else none)")
+    ray_address: str = setting(
+        "",
+        help="run the clients on this existing Ray cluster (HOST:PORT of its head, as `ray start --head` prints); "
+        "default: a private Ray instance on 127.0.0.1 for this run only",
+    )
+    verbose: bool = setting(False, help="show Flower's and Ray's logs")
+
+
+# Every role a simulation plays, in the order --help lists their settings.
+ROLES: tuple[type, ...] = (DataSpec, CoordinatorConfig, ModelSpec, PrivacySpec, TrainSpec, SimulationRun)
+
+
+class _Methods:
+    __slots__ = ()
 
     def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        return Path(self.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")  # type: ignore[attr-defined]
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["labels"] = list(self.labels)
-        data["client_budgets"] = {str(k): v for k, v in self.client_budgets.items()}
+        data = dataclasses.asdict(self)  # type: ignore[call-overload]
+        data["labels"] = list(data["labels"])
+        data["client_budgets"] = {str(k): v for k, v in data["client_budgets"].items()}
         return data
 
+
+# Every knob of `fedtune-simulate`, one field per setting of ROLES, named by its key (the TOML key; flags use
+# dashes). Nothing is defined here: a setting added to a role is a field here, a flag and a TOML key.
+SimulationConfig = dataclasses.make_dataclass("SimulationConfig", compose(*ROLES), bases=(_Methods,), frozen=True)
+SimulationConfig.__module__ = __name__  # pickle finds it here
+SimulationConfig.__doc__ = "Every knob of `fedtune-simulate`: the settings of " + ", ".join(r.__name__ for r in ROLES) + "."
 
 FIELDS = {f.name: f for f in dataclasses.fields(SimulationConfig)}
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Check a TOML value's type against the field, with a message naming the key."""
-    kind = FIELDS[name].type
+def role(cls: type[T], cfg: Any, **given: Any) -> T:
+    """One role's settings object, from the simulation's settings of the same keys (plus what `given` fixes)."""
+    return cls(**({f.name: getattr(cfg, key(f)) for f in settings(cls)} | given))
+
+
+def _typed(where: str, data: dict[str, Any]) -> dict[str, Any]:
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    check_keys(data, SimulationConfig, where, SimulationConfigError)
     try:
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError
-            return value
-        if kind == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError
-            return float(value)
-        if kind == "str":
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-        if kind == "tuple[str, ...]":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise TypeError
-            return tuple(value)
-        if kind == "dict[int, float]":
-            if not isinstance(value, dict):
-                raise TypeError
-            return {int(k): float(v) for k, v in value.items()}
-    except (TypeError, ValueError):
-        raise SimulationConfigError(f"setting {name!r}: expected {kind}, got {value!r}") from None
-    return value
+        return from_flat(SimulationConfig, data)
+    except ConfigError as err:
+        raise SimulationConfigError(f"{where}: {err}") from None
+
+
+def _coerce(name: str, value: Any) -> Any:
+    try:
+        return coerce(FIELDS[name], value)
+    except ConfigError as err:
+        raise SimulationConfigError(str(err)) from None
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Settings from a TOML file (top level or a [simulation] table), keys checked and typed."""
     path = Path(path)
-    if not path.is_file():
-        raise SimulationConfigError(f"{path}: config file not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise SimulationConfigError(f"{path}: not valid TOML: {err}") from None
-    data = data.get("simulation", data)
-    out = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        if name not in FIELDS:
-            raise SimulationConfigError(f"{path}: unknown setting {key!r}; known settings: {', '.join(sorted(FIELDS))}")
-        out[name] = _coerce(name, value)
-    return out
+    data = load_toml(path, SimulationConfigError, "give an existing settings file to --config")
+    return _typed(str(path), data.get("simulation", data))
+
+
+def read_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """Settings from parsed flags (strings, or lists for repeatable ones), typed by the same coercer as TOML."""
+    return _typed("command line", flags)
 
 
 def read_run_settings(run_dir: str | Path) -> dict[str, Any]:
@@ -156,17 +108,25 @@ def read_run_settings(run_dir: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise SimulationConfigError(f"{path} is unreadable ({err}); cannot resume") from None
-    return {k: _coerce(k, v) for k, v in data.items() if k in FIELDS} | {"out": str(run_dir)}
+    data = {k: v for k, v in data.items() if k in FIELDS or k == "fraction"}  # "fraction": older runs' name
+    if data.get("budget_epsilon") is None:
+        data.pop("budget_epsilon", None)
+    return _typed(str(path), data) | {"out": str(run_dir)}
 
 
-def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -> SimulationConfig:
-    """Merge defaults, file and flags (flags win) and check cross-field constraints."""
-    cfg = SimulationConfig(**(file_settings | flag_settings))
+def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -> Any:
+    """Merge defaults, file and flags (flags win); every role then validates its own settings."""
+    aliases = {a: f.name for f in FIELDS.values() for a in f.metadata["aliases"]}
+    given = {aliases.get(k, k): v for k, v in (file_settings | flag_settings).items()}  # older names still work
+    # Strings and lists (raw flags, from callers that skipped read_flags) are typed as a TOML file's would be.
+    given = {k: _coerce(k, v) if isinstance(v, str | list) and k in FIELDS else v for k, v in given.items()}
+    try:
+        cfg = SimulationConfig(**given)
+        for cls in ROLES[:-1]:
+            role(cls, cfg, **({"out_dir": Path(cfg.out or ".")} if cls is CoordinatorConfig else {}))
+    except TypeError as err:  # a key that is no setting, from a caller that skipped read_toml / read_flags
+        raise SimulationConfigError(str(err)) from None
     checks = [
-        (cfg.num_clients >= 1, f"number of clients must be >= 1, got {cfg.num_clients}"),
-        (cfg.num_rounds >= 1, f"number of rounds must be >= 1, got {cfg.num_rounds}"),
-        (cfg.round_timeout > 0, f"round timeout must be > 0 seconds, got {cfg.round_timeout}"),
-        (cfg.round_retries >= 0, f"round retries must be >= 0, got {cfg.round_retries}"),
         (cfg.cpus_per_client > 0, f"cpus per client must be > 0, got {cfg.cpus_per_client}"),
         (cfg.gpus_per_client >= 0, f"gpus per client must be >= 0, got {cfg.gpus_per_client}"),
         (

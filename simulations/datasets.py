@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.resources
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
 
+from fedtune.client.config import ClientConfig, ColumnSpec, TrainSpec
 from fedtune.client.data import DataError, infer_labels, load_examples, to_examples
+from fedtune.client.settings import check_choices, same, setting
 
 EMBEDDED = "vader"
 PARTITIONINGS = ("iid", "dirichlet", "shard")
@@ -35,21 +36,27 @@ def vader_examples() -> tuple[datasets.Dataset, tuple[str, ...]]:
 class DataSpec:
     """The simulated federation's data: source, columns, held-out share and partitioning."""
 
-    dataset: str = EMBEDDED
-    text_column: str = "text"
-    label_column: str = "label"
-    labels: tuple[str, ...] = ()
-    test_fraction: float = 0.15
-    test_dataset: str = ""
-    partitioning: str = "dirichlet"
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    num_clients: int = 10
-    seed: int = 0
+    dataset: str = setting(EMBEDDED, help="'vader' (embedded), a CSV/TSV/JSONL/Parquet file, or a hub dataset name")
+    text_column: str = same(ColumnSpec, "text_column")
+    label_column: str = same(ColumnSpec, "label_column")
+    labels: tuple[str, ...] = same(ClientConfig, "labels", default=())  # (): inferred from the data
+    test_fraction: float = setting(0.15, help="stratified share held out for central evaluation")
+    test_dataset: str = setting(
+        "",
+        help="a separate file (same columns and labels) for the central evaluation, e.g. a dev set; "
+        "all of --dataset is then shared among the clients",
+    )
+    partitioning: str = setting("dirichlet", choices=PARTITIONINGS, help="how the pool is split among clients")
+    alpha: float = setting(0.5, help="Dirichlet concentration; smaller is more non-IID")
+    shards_per_client: int = setting(2, help="shards per client for --partitioning shard")
+    num_clients: int = setting(10, flag="--clients", help="number of simulated clients")
+    seed: int = same(TrainSpec, "seed")
 
     def __post_init__(self) -> None:
-        if self.partitioning not in PARTITIONINGS:
-            raise DataError(f"partitioning must be one of {', '.join(PARTITIONINGS)}, got {self.partitioning!r}")
+        try:
+            check_choices(self)
+        except ValueError as err:
+            raise DataError(str(err)) from None
         if not 0 < self.test_fraction < 1:
             raise DataError(f"test fraction must be in (0, 1), got {self.test_fraction}")
         if self.alpha <= 0:
@@ -81,9 +88,8 @@ def load_source(spec: DataSpec) -> tuple[datasets.Dataset, tuple[str, ...]]:
     return to_examples(table, labels, spec.text_column, spec.label_column, spec.dataset), labels
 
 
-@functools.lru_cache(maxsize=2)
 def split(spec: DataSpec) -> tuple[datasets.Dataset, datasets.Dataset, tuple[str, ...]]:
-    """(clients' pool, coordinator's held-out split, labels), stratified and seeded; cached per process.
+    """(clients' pool, coordinator's held-out split, labels), stratified and seeded.
 
     With `test_dataset` the held-out split is that file (a published dev set, say) and the whole source is
     the clients' pool.
@@ -119,21 +125,46 @@ def make_partitioner(spec: DataSpec) -> Partitioner:
     )
 
 
-@functools.lru_cache(maxsize=2)
-def _partitioner(spec: DataSpec) -> Partitioner:
-    partitioner = make_partitioner(spec)
-    partitioner.dataset = split(spec)[0]
-    return partitioner
+class _Loaded:
+    """What a PartitionData has loaded so far; empty until asked, emptied by `reset`."""
+
+    def __init__(self) -> None:
+        self.split: tuple[datasets.Dataset, datasets.Dataset, tuple[str, ...]] | None = None
+        self.partitioner: Partitioner | None = None
 
 
 @dataclass(frozen=True)
 class PartitionData:
-    """A simulated data holder's local data: partition `partition-id` of the pool (the client's DataFn)."""
+    """A simulated data holder's local data: partition `partition-id` of the pool (the client's DataFn).
+
+    It loads the source once and keeps it (and the partitioning) itself: the copy Flower ships to each Ray
+    worker carries what the driver loaded, so workers never read the source again, and two runs in one
+    process share nothing. Equal (and hashing the same) by spec alone, as the client's tokenised-data cache
+    expects of a DataFn.
+    """
 
     spec: DataSpec
+    loaded: _Loaded = field(default_factory=_Loaded, compare=False, repr=False)
+
+    def split(self) -> tuple[datasets.Dataset, datasets.Dataset, tuple[str, ...]]:
+        if self.loaded.split is None:
+            self.loaded.split = split(self.spec)
+        return self.loaded.split
+
+    def partitioner(self) -> Partitioner:
+        if self.loaded.partitioner is None:
+            partitioner = make_partitioner(self.spec)
+            partitioner.dataset = self.split()[0]
+            self.loaded.partitioner = partitioner
+        return self.loaded.partitioner
+
+    def reset(self) -> None:
+        """Forget what was loaded; the next call reads the source again."""
+        self.loaded.split = None
+        self.loaded.partitioner = None
 
     def __call__(self, node_config: dict) -> datasets.Dataset:
-        return _partitioner(self.spec).load_partition(int(node_config["partition-id"]))
+        return self.partitioner().load_partition(int(node_config["partition-id"]))
 
     def sizes(self) -> list[int]:
-        return [len(_partitioner(self.spec).load_partition(i)) for i in range(self.spec.num_clients)]
+        return [len(self.partitioner().load_partition(i)) for i in range(self.spec.num_clients)]

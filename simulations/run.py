@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -13,7 +12,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import datasets
 import transformers
@@ -30,10 +29,8 @@ from fedtune.coordinator.app import make_server_app, resume_settings
 from fedtune.coordinator.checkpoint import CheckpointError, check_settings, load_checkpoint
 from fedtune.coordinator.config import CoordinatorConfig
 from fedtune.coordinator.rounds import JoinTimeout, RoundFailed
-from fedtune.simulations.config import SimulationConfig, SimulationConfigError
-from fedtune.simulations.datasets import DataSpec, PartitionData, split
-
-T = TypeVar("T")
+from fedtune.simulations.config import SimulationConfig, SimulationConfigError, role
+from fedtune.simulations.datasets import DataSpec, PartitionData
 
 DP_OFF_WARNING = (
     "DIFFERENTIAL PRIVACY IS OFF (--no-dp). Client updates carry no formal privacy guarantee; "
@@ -45,26 +42,9 @@ class FederationStopped(RuntimeError):
     """The federation stopped before its last round (too few clients answered); the message says why."""
 
 
-def _same_named(spec_type: type[T], cfg: SimulationConfig) -> T:
-    """Build a role's spec from the simulation settings that share its field names."""
-    names = {f.name for f in dataclasses.fields(SimulationConfig)}
-    return spec_type(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(spec_type) if f.name in names})
-
-
 def client_config(cfg: SimulationConfig, labels: tuple[str, ...]) -> ClientConfig:
-    return ClientConfig(
-        labels=labels,
-        model=ModelSpec(name=cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, max_length=cfg.max_length, pooler=cfg.pooler),
-        privacy=PrivacySpec(
-            enabled=cfg.dp,
-            target_epsilon=cfg.epsilon,
-            delta=cfg.delta,
-            max_grad_norm=cfg.max_grad_norm,
-            accountant=cfg.accountant,
-            budget_epsilon=cfg.budget_epsilon or None,
-        ),
-        train=_same_named(TrainSpec, cfg),
-    )
+    """Every simulated data holder's settings (the same for all; budgets may differ, see client_budgets)."""
+    return ClientConfig(labels=labels, model=role(ModelSpec, cfg), privacy=role(PrivacySpec, cfg), train=role(TrainSpec, cfg))
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -153,9 +133,8 @@ def simulate(
 
     console = console or Console(stderr=True)
     _quiet_libraries(cfg.verbose)
-    data_spec = _same_named(DataSpec, cfg)
-    pool, held_out, labels = split(data_spec)  # fails here, before any worker starts, on bad data
-    data_fn = PartitionData(data_spec)
+    data_fn = PartitionData(role(DataSpec, cfg))  # loads here once; Ray's workers get the loaded copy
+    pool, held_out, labels = data_fn.split()  # fails here, before any worker starts, on bad data
     sizes = data_fn.sizes()
     ccfg = client_config(cfg, labels)
     out_dir = cfg.run_dir()
@@ -199,30 +178,7 @@ def simulate(
         + (f"DP-SGD epsilon {cfg.epsilon} delta {cfg.delta} ({cfg.accountant})" if cfg.dp else "[bold red]no DP[/]")
         + f" -> {out_dir}"
     )
-    coord = CoordinatorConfig(
-        labels=labels,
-        out_dir=out_dir,
-        model=ccfg.model,
-        num_rounds=cfg.num_rounds,
-        strategy=cfg.strategy,
-        fraction_train=cfg.fraction,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_clients=min(2, cfg.num_clients),
-        proximal_mu=cfg.proximal_mu,
-        server_learning_rate=cfg.server_learning_rate,
-        trim_fraction=cfg.trim_fraction,
-        num_malicious=cfg.num_malicious,
-        max_update_norm=cfg.max_update_norm,
-        update_encoding=cfg.update_encoding,
-        round_timeout=cfg.round_timeout,
-        round_retries=cfg.round_retries,
-        resume=resume,
-        central_dp=cfg.central_dp,
-        central_noise_multiplier=cfg.central_noise_multiplier,
-        central_clipping_norm=cfg.central_clipping_norm,
-        central_delta=cfg.central_delta,
-        metadata=metadata,
-    )
+    coord = role(CoordinatorConfig, cfg, labels=labels, out_dir=out_dir, model=ccfg.model, resume=resume, metadata=metadata)
     if resume:  # fail here, before any worker starts, when the run cannot continue
         ckpt = load_checkpoint(out_dir)
         check_settings(ckpt.settings, resume_settings(coord))

@@ -41,7 +41,7 @@ SIMULATE: list[tuple[str, Setup, str]] = [
     ("flag client budget format", flags("--client-budget", "3:1.0"), "ID=EPSILON"),
     ("flag accountant", flags("--accountant", "moments"), "accountant"),
     ("flag optimizer", flags("--optimizer", "lbfgs"), "optimizer"),
-    ("flag lr schedule", flags("--lr-schedule", "step"), "lr schedule must be one of constant, cosine"),
+    ("flag lr schedule", flags("--lr-schedule", "step"), "lr_schedule must be one of constant, cosine"),
     ("flag negative learning rate", flags("--lr", "-1"), "learning rate"),
     ("flag pooler", flags("--pooler", "max"), "pooler"),
     ("flag delta above 1", flags("--delta", "2"), "delta"),
@@ -113,7 +113,7 @@ def _replace(path: Path, old: str, new: str) -> None:
         (
             "config lr schedule",
             lambda c: _replace(c / "coordinator.toml", 'lr_schedule = "constant"', 'lr_schedule = "step"'),
-            "lr_schedule must be constant or cosine",
+            "lr_schedule must be one of constant, cosine",
         ),
         ("server certificate corrupt", lambda c: (c / "tls" / "server.pem").write_text("garbage"), "not a PEM certificate"),
     ],
