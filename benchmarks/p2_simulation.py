@@ -24,23 +24,27 @@ class Timing:
     """Client mod: the handler's own wall time per training message; `naive` first drops every per-worker cache,
     so each call loads the model and tokenizer and tokenises its partition again, as the examples do."""
 
-    def __init__(self, naive: bool) -> None:
+    def __init__(self, naive: bool, log: Path) -> None:
         self.naive = naive
+        self.log = log  # one "round seconds" line per trained update; the reply carries only what the wire defines
 
     def __call__(self, msg, context, call_next):
         if msg.metadata.message_type != "train":
             return call_next(msg, context)
-        if self.naive:
-            import fedtune.client.app
-            import fedtune.client.model
+        from fedtune.client import wire
 
-            fedtune.client.app._ENCODED.clear()
-            fedtune.client.model._pristine_model.cache_clear()
-            fedtune.client.model.load_tokenizer.cache_clear()
+        if self.naive:
+            from fedtune.client.local_data import NODE_DATA
+            from fedtune.client.model import MODELS
+
+            NODE_DATA.reset()
+            MODELS.reset()
         began = time.perf_counter()
         reply = call_next(msg, context)
-        if not reply.has_error():
-            reply.content["metrics"]["handler-seconds"] = time.perf_counter() - began
+        if not reply.has_error() and not reply.content[wire.METRICS][wire.DECLINED]:
+            server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+            with open(self.log, "a") as f:  # one short O_APPEND write: workers never interleave within a line
+                f.write(f"{server_round} {time.perf_counter() - began}\n")
         return reply
 
 
@@ -69,13 +73,16 @@ def run(pattern: str, data: Path, model: str, clients: int, rounds: int, cpus: f
         ),  # fmt: skip
     )
     began = time.perf_counter()
-    results = simulate(cfg, client_mods=[Timing(naive=pattern == "naive")])
+    log = out / f"{pattern}-handler-seconds.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    results = simulate(cfg, client_mods=[Timing(naive=pattern == "naive", log=log)])
     wall = time.perf_counter() - began
     reports = [c for r in results["rounds"][1:] for c in r["clients"].values() if not c.get("declined")]
     federation = sum(r["seconds"] for r in results["rounds"][1:])  # the rounds themselves, without start-up
     concurrency = min(clients, max(1, int(len(os.sched_getaffinity(0)) // cpus)))
     train = sum(c["train-seconds"] for c in reports)
-    handler = sum(c["handler-seconds"] for c in reports)
+    handler = sum(float(s) for r, s in (line.split() for line in log.read_text().splitlines()) if int(r) > 1)
     return {
         "pattern": pattern,
         "client_updates": len(reports),

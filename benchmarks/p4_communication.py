@@ -57,7 +57,7 @@ def measure(model_name: str, rows: int, max_length: int) -> list[dict[str, Any]]
 
     from fedtune.client.config import ModelSpec
     from fedtune.client.model import build_model, trainable_state
-    from fedtune.privacy.update_codec import quantize
+    from fedtune.client.update_codec import quantize
 
     config = ConfigRecord({"server-round": 1, "num-rounds": 5, "proximal-mu": 0.0, "update-encoding": "float32"})
     # What a client reports with its update (privacy report included): small next to any weights.

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedtune.client import wire
 from fedtune.client.train import Encoded, forward, make_loader
 
 
@@ -37,18 +38,18 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, num_labels: int) -> dic
     ids = list(range(num_labels))
     precision, recall, _, _ = precision_recall_fscore_support(y, p, labels=ids, zero_division=0)
     return {
-        "accuracy": float(accuracy_score(y, p)),
-        "macro-f1": float(f1_score(y, p, labels=ids, average="macro", zero_division=0)),
-        "precision": [float(v) for v in precision],
-        "recall": [float(v) for v in recall],
-        "confusion": [float(v) for v in confusion_matrix(y, p, labels=ids).ravel()],
+        wire.ACCURACY: float(accuracy_score(y, p)),
+        wire.MACRO_F1: float(f1_score(y, p, labels=ids, average="macro", zero_division=0)),
+        wire.PRECISION: [float(v) for v in precision],
+        wire.RECALL: [float(v) for v in recall],
+        wire.CONFUSION: [float(v) for v in confusion_matrix(y, p, labels=ids).ravel()],
     }
 
 
 def evaluate(
     model: torch.nn.Module, data: Encoded, tokenizer: PreTrainedTokenizerBase, batch_size: int, device: torch.device
 ) -> dict[str, float | list[float]]:
-    """All evaluation metrics plus `loss` and `num-examples`."""
+    """All evaluation metrics plus the loss and the number of examples (the wire's evaluation scores)."""
     y, p, loss = predict(model, data, tokenizer, batch_size, device)
     num_labels = getattr(getattr(model, "config", None), "num_labels", int(max(y.max(), p.max()) + 1))
-    return {"loss": loss, "num-examples": len(y), **classification_metrics(y, p, num_labels)}
+    return {wire.LOSS: loss, wire.NUM_EXAMPLES: len(y), **classification_metrics(y, p, num_labels)}

@@ -6,13 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from flwr.superlink.grid import InMemoryGrid
 
+from fedtune.client import wire
 from fedtune.client.model import build_model, export_model, load_tokenizer, load_trainable_state, trainable_state
-from fedtune.client.wire import node_client_id
+from fedtune.client.trusted_app import PROTOCOL_VERSION
 from fedtune.coordinator.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -23,9 +24,9 @@ from fedtune.coordinator.checkpoint import (
     strategy_state,
 )
 from fedtune.coordinator.config import CoordinatorConfig
-from fedtune.coordinator.report import RunRecorder, write_json_atomic
+from fedtune.coordinator.report import RunRecorder, write_json
 from fedtune.coordinator.rounds import JoinTimeout, RoundFailed, RoundHooks, RoundPolicy, run_rounds, wait_for_clients
-from fedtune.coordinator.strategy import PrivacyTracking, build_strategy, client_level_epsilon, sampled_per_round
+from fedtune.coordinator.strategy import CheckedStrategy, build_strategy, client_level_epsilon, sampled_per_round
 
 # Central evaluation: given the global model, return metrics such as accuracy, macro-f1 and loss.
 Evaluator = Callable[[torch.nn.Module], dict[str, Any]]
@@ -42,6 +43,7 @@ def resume_settings(cfg: CoordinatorConfig) -> dict[str, Any]:
         "num_rounds": cfg.num_rounds,
         "strategy": cfg.strategy,
         "central_dp": cfg.central_dp,
+        "protocol": PROTOCOL_VERSION,  # what a checkpoint's recorded replies speak (client/wire.py)
     }
 
 
@@ -96,12 +98,12 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
         wait_for_clients(grid, num_clients if ckpt else max(num_clients, cfg.wait_for_clients), cfg.join_timeout)
         partitions = simulated_clients(grid)  # once every simulated node is registered
         recorder.name_clients(partitions)
-        strategy = PrivacyTracking(
+        strategy = CheckedStrategy(
             build_strategy(cfg, num_clients),
             recorder.client_reports,
             recorder.rejection,
             cfg.max_update_norm,
-            client_of=lambda node: partitions.get(node, node_client_id(node)),
+            client_of=lambda node: partitions.get(node, wire.node_client_id(node)),
             num_labels=len(cfg.labels),
         )
         if ckpt is not None:
@@ -121,14 +123,10 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
             arrays,
             range((ckpt.server_round if ckpt else 0) + 1, cfg.num_rounds + 1),
             policy,
-            train_config=ConfigRecord(
-                {
-                    "num-rounds": cfg.num_rounds,
-                    "proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
-                    "update-encoding": cfg.update_encoding,
-                }
+            train_config=wire.train_config(
+                cfg.num_rounds, cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, cfg.update_encoding
             ),
-            evaluate_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
+            evaluate_config=wire.evaluate_config(cfg.num_rounds),
             hooks=_Hooks(recorder, strategy, evaluate_fn, cfg),
         )
     load_trainable_state(model, arrays.to_torch_state_dict())
@@ -162,7 +160,7 @@ def federate(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluator: Ev
         return run_federation(grid, cfg, num_clients, evaluator)
     except (RoundFailed, JoinTimeout, CheckpointError) as err:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg.out_dir / STOPPED_FILE, {"reason": str(err)})
+        write_json(cfg.out_dir / STOPPED_FILE, {"reason": str(err)})
         raise
 
 

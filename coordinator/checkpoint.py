@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 from fedtune.coordinator.rounds import strategy_chain
+from fedtune.privacy.at_rest import fsync_dir, write_atomic
 
 # Strategy attributes that carry state from round to round: the server optimiser's moments of the
 # FedOpt family (FedAdam: m_t, v_t). FedAvg, FedProx and the robust strategies keep none.
@@ -54,11 +56,10 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, np.nda
                 setattr(s, attr, dict(value))
 
 
-def _fsync_write(path: Path, write) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
@@ -69,23 +70,18 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    # Weights by tensor name, as the global model holds them (they travel flat, see client/update_codec.py).
     weights = {name: arr.numpy() for name, arr in ckpt.arrays.items()}
-    _fsync_write(tmp / "weights.npz", lambda f: np.savez(f, **weights))
+    write_atomic(tmp / "weights.npz", _npz(weights))
     # npz keys are file names inside a zip: join attribute and tensor name with "::", never "/".
     moments = {f"{attr}::{k}": v for attr, d in ckpt.strategy_state.items() for k, v in d.items()}
-    _fsync_write(tmp / "strategy.npz", lambda f: np.savez(f, **moments))
+    write_atomic(tmp / "strategy.npz", _npz(moments))
     state = {"round": ckpt.server_round, "order": list(weights), "record": ckpt.record, "settings": ckpt.settings}
-    _fsync_write(tmp / "state.json", lambda f: f.write(json.dumps(state, allow_nan=False).encode()))
+    write_atomic(tmp / "state.json", json.dumps(state, allow_nan=False))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    pointer = root / "latest.json.tmp"
-    _fsync_write(pointer, lambda f: f.write(json.dumps({"round": ckpt.server_round, "dir": final.name}).encode()))
-    os.replace(pointer, root / "latest.json")
-    dir_fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the renames themselves survive a power cut
-    finally:
-        os.close(dir_fd)
+    fsync_dir(root)  # the folder's rename survives a power cut before the pointer names it
+    write_atomic(root / "latest.json", json.dumps({"round": ckpt.server_round, "dir": final.name}))
     for old in sorted(root.glob("round-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -113,9 +109,10 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
 
 
 def check_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A resumed run must train the same model the same way; name the first setting that differs."""
-    for key, value in saved.items():
-        if current.get(key) != value:
+    """A resumed run must train the same model the same way; name the first setting that differs (a setting the
+    checkpointed run did not record, such as the wire protocol before version 2, differs too)."""
+    for key in [*saved, *(k for k in current if k not in saved)]:
+        if current.get(key) != saved.get(key):
             raise CheckpointError(
-                f"cannot resume: setting {key!r} was {value!r} in the checkpointed run but is {current.get(key)!r} now"
+                f"cannot resume: setting {key!r} was {saved.get(key)!r} in the checkpointed run but is {current.get(key)!r} now"
             )

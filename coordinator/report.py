@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedtune.client.wire import node_client_id
+from fedtune.client import wire
+from fedtune.privacy.at_rest import write_atomic
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically and owner-only: a crash leaves the old file or the new one, never half of one."""
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def _plain(value: Any) -> Any:
@@ -103,7 +101,7 @@ class RunRecorder:
         self.names |= {node: str(cid) for node, cid in client_ids.items()}
 
     def _name(self, node: int) -> str:
-        return self.names.get(node, str(node_client_id(node)))
+        return self.names.get(node, str(wire.node_client_id(node)))
 
     def phase(self, server_round: int, name: str, outcome: Any) -> None:
         """Hook of the round loop: who missed a phase's deadline, whose reply was an error."""
@@ -158,11 +156,12 @@ class RunRecorder:
         self._last = now
         if server_round == 0:
             return
-        eps = [c["epsilon"] for c in entry["clients"].values() if c.get("epsilon") is not None]
-        declined = [cid for cid, c in entry["clients"].items() if c.get("declined")]
+        reports = {cid: wire.TrainReply.from_metrics(c) for cid, c in entry["clients"].items()}
+        eps = [r.privacy.epsilon for r in reports.values() if r.privacy is not None]
+        declined = [cid for cid, r in reports.items() if r.declined]
         parts = [f"round {server_round}"]
-        if "accuracy" in metrics:
-            parts.append(f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}")
+        if wire.ACCURACY in metrics:
+            parts.append(f"accuracy {metrics[wire.ACCURACY]:.4f}  loss {metrics[wire.LOSS]:.4f}")
         if eps:
             parts.append(f"epsilon max {max(eps):.3f}")
         if declined:
@@ -172,17 +171,15 @@ class RunRecorder:
         self.progress.advance(self._task)
 
     def clients_summary(self) -> dict[str, dict[str, Any]]:
-        """Each client's latest epsilon, rounds trained and rounds declined."""
+        """Each client's latest privacy report, rounds trained and rounds declined."""
         out: dict[str, dict[str, Any]] = {}
         for r in sorted(self.rounds):
-            for cid, rep in self.rounds[r]["clients"].items():
+            for cid, recorded in self.rounds[r]["clients"].items():
+                reply = wire.TrainReply.from_metrics(recorded)  # accepted when it came, so it decodes
                 c = out.setdefault(cid, {"rounds_trained": [], "rounds_declined": []})
-                (c["rounds_declined"] if rep.get("declined") else c["rounds_trained"]).append(r)
-                keys = ("epsilon", "delta", "budget-epsilon", "noise-multiplier", "sample-rate", "steps", "max-grad-norm")
-                keys += ("history-noise", "history-rate", "history-steps", "ledger", "accountant-prv")
-                for key in keys:
-                    if key in rep:
-                        c[key.replace("-", "_")] = rep[key]
+                (c["rounds_declined"] if reply.declined else c["rounds_trained"]).append(r)
+                if reply.privacy is not None:
+                    c |= privacy_summary(reply.privacy)
         return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
@@ -205,8 +202,8 @@ class RunRecorder:
             "wall_seconds": round(time.time() - self.started, 2),
             **extra,
         }
-        write_json_atomic(self.out_dir / "results.json", results)
-        write_json_atomic(self.out_dir / "privacy.json", privacy_report(results))
+        write_json(self.out_dir / "results.json", results)
+        write_json(self.out_dir / "privacy.json", privacy_report(results))
         plot_metrics(rounds, self.out_dir / "plots" / "metrics.png")
         plot_epsilon(rounds, self.out_dir / "plots" / "epsilon.png")
         self.print_summary(results)
@@ -216,13 +213,13 @@ class RunRecorder:
         table = Table(title="global model, held-out split")
         for col in ("round", "accuracy", "macro-F1", "loss"):
             table.add_column(col, justify="right")
-        central = any("accuracy" in r.get("global", {}) for r in results["rounds"])
+        central = any(wire.ACCURACY in r.get("global", {}) for r in results["rounds"])
         if not central:
             table.title = "global model, clients' pooled local evaluation"
         for r in results["rounds"]:
             g = r.get("global", {}) if central else r.get("federated_evaluation", {})
-            if "accuracy" in g:
-                table.add_row(str(r["round"]), f"{g['accuracy']:.4f}", f"{g['macro-f1']:.4f}", f"{g['loss']:.4f}")
+            if wire.ACCURACY in g:
+                table.add_row(str(r["round"]), f"{g[wire.ACCURACY]:.4f}", f"{g[wire.MACRO_F1]:.4f}", f"{g[wire.LOSS]:.4f}")
         clients = Table(title="clients: privacy spent (sample-level DP-SGD; details in privacy.json)")
         clients.add_column("client", justify="right", no_wrap=True)
         for col in ("epsilon", "delta", "budget", "acct", "z", "C", "rounds", "declined"):
@@ -234,7 +231,7 @@ class RunRecorder:
                 f"{eps:.3f}" if eps is not None else "no DP",
                 f"{c['delta']:g}" if "delta" in c else "-",
                 f"{c['budget_epsilon']:g}" if "budget_epsilon" in c else "-",
-                ("prv" if c.get("accountant_prv") else "rdp") if eps is not None else "-",
+                c.get("accountant", "-"),
                 f"{c['noise_multiplier']:.3f}" if "noise_multiplier" in c else "-",
                 f"{c['max_grad_norm']:g}" if "max_grad_norm" in c else "-",
                 str(len(c["rounds_trained"])),
@@ -258,23 +255,38 @@ class RunRecorder:
             )
 
 
+def privacy_summary(report: wire.PrivacyReport) -> dict[str, Any]:
+    """A client's privacy report as results.json's `clients` table shows it."""
+    return {
+        "epsilon": report.epsilon,
+        "delta": report.delta,
+        "budget_epsilon": report.budget_epsilon,
+        "accountant": report.accountant,
+        "noise_multiplier": report.noise_multiplier,
+        "sample_rate": report.sample_rate,
+        "steps": report.steps,
+        "max_grad_norm": report.max_grad_norm,
+        "history": [list(h) for h in report.history],
+        "composed_across_runs": report.ledger,
+    }
+
+
 def privacy_report(results: dict[str, Any]) -> dict[str, Any]:
     """Every privacy number of the run with what is needed to recompute it (privacy.json)."""
     clients = {}
     for cid, c in results["clients"].items():
-        history = [list(h) for h in zip(c.get("history_noise", []), c.get("history_rate", []), c.get("history_steps", []))]
         clients[cid] = {
             "dp": "epsilon" in c,
             "epsilon": c.get("epsilon"),
             "delta": c.get("delta"),
-            "accountant": "prv" if c.get("accountant_prv") else "rdp",
+            "accountant": c.get("accountant"),
             "budget_epsilon": c.get("budget_epsilon"),
             "noise_multiplier": c.get("noise_multiplier"),
             "sample_rate": c.get("sample_rate"),
             "steps": c.get("steps"),
             "max_grad_norm": c.get("max_grad_norm"),
-            "history": history,  # [noise multiplier, sample rate, steps] in Opacus' accountant format
-            "composed_across_runs": bool(c.get("ledger")),
+            "history": c.get("history", []),  # [noise multiplier, sample rate, steps] in Opacus' accountant format
+            "composed_across_runs": bool(c.get("composed_across_runs")),
             "rounds_trained": c["rounds_trained"],
             "rounds_declined": c["rounds_declined"],
         }
@@ -290,10 +302,10 @@ def plot_metrics(rounds: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("global", "held-out (central)"), ("federated_evaluation", "clients' local splits")):
-        pts = [(r["round"], r[key]) for r in rounds if r.get(key, {}).get("accuracy") is not None]
+        pts = [(r["round"], r[key]) for r in rounds if r.get(key, {}).get(wire.ACCURACY) is not None]
         if pts:
-            ax_acc.plot([p[0] for p in pts], [p[1]["accuracy"] for p in pts], marker="o", label=label)
-            ax_loss.plot([p[0] for p in pts], [p[1]["loss"] for p in pts], marker="o", label=label)
+            ax_acc.plot([p[0] for p in pts], [p[1][wire.ACCURACY] for p in pts], marker="o", label=label)
+            ax_loss.plot([p[0] for p in pts], [p[1][wire.LOSS] for p in pts], marker="o", label=label)
     for ax, name in ((ax_acc, "accuracy"), (ax_loss, "loss")):
         ax.set_xlabel("round")
         ax.set_ylabel(name)
@@ -312,9 +324,10 @@ def plot_epsilon(rounds: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     series: dict[str, list[tuple[int, float, bool]]] = {}
     for r in rounds:
-        for cid, rep in r["clients"].items():
-            if rep.get("epsilon") is not None:
-                series.setdefault(cid, []).append((r["round"], rep["epsilon"], bool(rep.get("declined"))))
+        for cid, recorded in r["clients"].items():
+            reply = wire.TrainReply.from_metrics(recorded)
+            if reply.privacy is not None:
+                series.setdefault(cid, []).append((r["round"], reply.privacy.epsilon, reply.declined))
     for cid, pts in sorted(series.items(), key=lambda kv: int(kv[0])):
         (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=f"client {cid}")
         bad = [p for p in pts if p[2]]

@@ -1,11 +1,11 @@
-"""Strategies: Flower's FedAvg/FedProx/FedAdam, wrapped to validate every reply and track each client's privacy report."""
+"""Strategies: Flower's FedAvg/FedProx/FedAdam/robust ones, behind the wire: every reply checked, every report kept."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -21,19 +21,28 @@ from flwr.serverapp.strategy import (
 
 from fedtune.client import wire
 from fedtune.coordinator.config import CoordinatorConfig
-from fedtune.coordinator.validation import update_problem
+from fedtune.coordinator.replies import (
+    Rejected,
+    accept_evaluate,
+    accept_train,
+    as_travelling,
+    evaluation_for_aggregation,
+    for_aggregation,
+    in_dtypes_of,
+    tensors,
+)
 from fedtune.privacy import epsilon_spent
-from fedtune.privacy.update_codec import UpdateCodecError, dequantize
 
-ClientReport = dict[str, float]
+ClientReport = dict[str, float]  # a train reply's metrics as the client sent them (wire.TrainReply.metrics)
 # Called once per round with each replying client's id and its train metrics (epsilon, declined, ...).
+MAX_EPSILON = "max-epsilon"  # the round's train metrics: the largest epsilon a client that trained reports
 ReportSink = Callable[[int, dict[int, ClientReport]], None]
 # Called with (round, phase, client id, reason) for every reply kept out of aggregation as invalid.
 RejectionSink = Callable[[int, str, int, str], None]
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted mean training loss (PrivacyTracking adds the largest epsilon)."""
+    """Weighted mean training loss (CheckedStrategy adds the largest epsilon)."""
     metrics = [r[wire.METRICS] for r in replies]
     weights = np.array([m[weight_key] for m in metrics], dtype=float)
     return MetricRecord({wire.TRAIN_LOSS: float(np.average([m[wire.TRAIN_LOSS] for m in metrics], weights=weights))})
@@ -52,10 +61,10 @@ def aggregate_evaluate_metrics(replies: list[RecordDict], weight_key: str) -> Me
     weights = [m[wire.NUM_EXAMPLES] for m in metrics]
     return MetricRecord(
         {
-            "loss": float(np.average([m[wire.LOSS] for m in metrics], weights=weights)),
-            "accuracy": float(tp.sum() / confusion.sum()),
-            "macro-f1": float(f1.mean()),
-            "num-examples": int(confusion.sum()),
+            wire.LOSS: float(np.average([m[wire.LOSS] for m in metrics], weights=weights)),
+            wire.ACCURACY: float(tp.sum() / confusion.sum()),
+            wire.MACRO_F1: float(f1.mean()),
+            wire.NUM_EXAMPLES: int(confusion.sum()),
         }
     )
 
@@ -114,10 +123,12 @@ def build_strategy(cfg: CoordinatorConfig, num_available: int) -> Strategy:
     return FedAvg(**common)
 
 
-class PrivacyTracking(Strategy):
-    """Wraps a strategy: checks every reply as untrusted input (client/wire.py, then coordinator/validation.py),
-    records each client's privacy report under the client its node is, and keeps declined clients and bad
-    replies out of aggregation; a bad reply is that client's fault, reported through `rejections`."""
+class CheckedStrategy(Strategy):
+    """A Flower strategy behind fedtune's wire (client/wire.py). Tasks go out as one flat array; every reply is
+    untrusted input, decoded and checked (coordinator/replies.py), and reaches the strategy as a new message only
+    if it is well formed, trained, and its update passes coordinator/validation.py. Each well-formed reply's
+    report is recorded under the client its node is (`sink`); each rejected one, with its reason (`rejections`).
+    """
 
     def __init__(
         self,
@@ -135,77 +146,50 @@ class PrivacyTracking(Strategy):
         # Who sent a reply is its authenticated source node, never what the reply says about itself.
         self.client_of = client_of
         self.num_labels = num_labels
-        self.current: ArrayRecord | None = None
+        self.current: ArrayRecord | None = None  # the global model of the round in progress
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.current = arrays  # what every update must match
-        return self.inner.configure_train(server_round, arrays, config, grid)
-
-    def _weights(self, msg: Message) -> tuple[ArrayRecord, str | None]:
-        """The reply's weights as float tensors, and why they must not be aggregated (None when they may).
-
-        An 8-bit update is decoded here, because Flower's strategies expect one ArrayRecord of weights per reply.
-        """
-        records = msg.content.array_records
-        arrays = records[wire.ARRAYS]
-        if self.current is None:
-            return arrays, None  # configure_train never ran: nothing to check against
-        if wire.SCALES in records:
-            try:
-                weights = dequantize(
-                    {k: a.numpy() for k, a in arrays.items()},
-                    {k: a.numpy() for k, a in records[wire.SCALES].items()},
-                    {k: a.numpy() for k, a in self.current.items()},
-                )
-            except UpdateCodecError as err:
-                return arrays, f"8-bit update: {err}"
-            arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
-        return arrays, update_problem(arrays, self.current, self.max_update_norm)
+        return as_travelling(self.inner.configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.current is None:
+            raise RuntimeError("aggregate_train before configure_train: no global model to check the updates against")
+        base = tensors(self.current)
         kept: list[Message] = []
-        reports: dict[int, ClientReport] = {}
+        reports: dict[int, wire.TrainReply] = {}
         for msg in replies:
             if msg.has_error():
                 kept.append(msg)  # Flower counts it; the round loop lists it among the failures
                 continue
             cid = self.client_of(msg.metadata.src_node_id)
-            if problem := wire.train_problem(msg.content, cid):
-                self.rejections(server_round, "train", cid, f"reply rejected: {problem}")
+            try:
+                reply, weights = accept_train(msg, cid, base, self.max_update_norm)
+            except Rejected as rejected:
+                if rejected.reply is not None:  # well formed: its report is the client's own, though its update is not used
+                    reports[cid] = rejected.reply
+                self.rejections(server_round, "train", cid, str(rejected))
                 continue
-            metrics = msg.content[wire.METRICS]
-            reports[cid] = dict(metrics)  # well formed: the client's own privacy report, even if its update is not used
-            if metrics[wire.DECLINED]:
-                continue  # a declined client sends no weights; averaging it in would drag the model back
-            arrays, problem = self._weights(msg)
-            if problem:
-                self.rejections(server_round, "train", cid, f"update rejected: {problem}")
-                continue
-            # Flower's strategies want the same metric keys in every reply: pass on only what aggregation uses.
-            keep = (wire.WEIGHT, wire.NUM_EXAMPLES, wire.TRAIN_LOSS)
-            msg.content = RecordDict({wire.ARRAYS: arrays, wire.METRICS: MetricRecord({k: metrics[k] for k in keep})})
-            kept.append(msg)
-        self.sink(server_round, reports)
+            reports[cid] = reply
+            if weights is not None:  # a declined client sends none; averaging it in would drag the model back
+                kept.append(for_aggregation(msg, reply, weights))
+        self.sink(server_round, {cid: reply.metrics() for cid, reply in reports.items()})
         trained = [self.client_of(m.metadata.src_node_id) for m in kept if not m.has_error()]
         if not trained:
             return None, None  # nobody trained: keep the current global model
         arrays, metrics = self.inner.aggregate_train(server_round, kept)
-        if arrays is not None and self.current is not None:
-            # Server optimisers (FedAdam) compute in float64; the global model keeps its own dtypes,
-            # or every later update would fail validation.
-            arrays = ArrayRecord(
-                {k: Array(a.numpy().astype(self.current[k].numpy().dtype, copy=False)) for k, a in arrays.items()}
-            )
-        eps = [reports[cid][wire.EPSILON] for cid in trained if wire.EPSILON in reports[cid]]
+        if arrays is not None:
+            arrays = in_dtypes_of(arrays, self.current)
+        eps = [reports[cid].privacy.epsilon for cid in trained if reports[cid].privacy is not None]
         if metrics is not None and eps:
-            metrics["max-epsilon"] = float(max(eps))
+            metrics[MAX_EPSILON] = float(max(eps))
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return as_travelling(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         kept: list[Message] = []
@@ -214,12 +198,11 @@ class PrivacyTracking(Strategy):
                 kept.append(msg)
                 continue
             cid = self.client_of(msg.metadata.src_node_id)
-            if problem := wire.evaluate_problem(msg.content, cid, self.num_labels):
-                self.rejections(server_round, "evaluate", cid, f"reply rejected: {problem}")
+            try:
+                reply = accept_evaluate(msg, cid, self.num_labels)
+            except Rejected as rejected:
+                self.rejections(server_round, "evaluate", cid, str(rejected))
                 continue
-            metrics = msg.content[wire.METRICS]
-            if metrics[wire.NUM_EXAMPLES] > 0:  # a client without a local split has nothing to pool
-                keep = (wire.WEIGHT, wire.NUM_EXAMPLES, wire.LOSS, wire.CONFUSION)
-                msg.content = RecordDict({wire.METRICS: MetricRecord({k: metrics[k] for k in keep})})
-                kept.append(msg)
+            if reply.num_examples > 0:  # a client without a local split has nothing to pool
+                kept.append(evaluation_for_aggregation(msg, reply))
         return self.inner.aggregate_evaluate(server_round, kept)

@@ -10,7 +10,7 @@ from pathlib import Path
 import cloudpickle
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from tests.conftest import TINY_LABELS, write_sentiment_csv
 
@@ -75,17 +75,21 @@ class Hostile:
         self.folder = folder
 
     def __call__(self, msg, context, call_next):
+        from fedtune.client import wire
+
+        task = wire.Task.from_content(msg.content)
         reply = call_next(msg, context)
-        pid, kind = int(context.node_config["partition-id"]), msg.metadata.message_type
-        server_round = int(msg.content["config"]["server-round"])
+        pid, kind, server_round = int(context.node_config["partition-id"]), msg.metadata.message_type, task.server_round
         trick = (TRAIN_TRICKS if kind == "train" else EVALUATE_TRICKS).get((server_round, pid))
         if trick:
             reply.content = spoil(reply.content, trick)
         elif pid == LIAR and kind == "train":
             reply.content["metrics"]["num-examples"] = 10**9
+        arrays = reply.content.array_records.get(wire.ARRAYS)
         record = {
-            "metrics": dict(reply.content["metrics"]) if "metrics" in reply.content else None,
-            "arrays": {k: a.numpy() for k, a in reply.content.array_records.get("arrays", {}).items()},
+            "metrics": dict(reply.content[wire.METRICS]) if wire.METRICS in reply.content else None,
+            # The weights travel flat; by name again through the task's layout, as the coordinator reads them.
+            "arrays": wire.Update.from_record(arrays, task.layout).decode(task.weights) if arrays is not None else {},
         }
         (self.folder / f"{kind}-{server_round}-{pid}.pkl").write_bytes(pickle.dumps(record))
         return reply
@@ -200,36 +204,31 @@ def test_replies_with_different_optional_metrics_aggregate_together(monkeypatch)
     from flwr.app import Array, ArrayRecord, Message
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedtune.client import wire
     from fedtune.client.model import ModelSpec
     from fedtune.coordinator.config import CoordinatorConfig
-    from fedtune.coordinator.strategy import PrivacyTracking, build_strategy
+    from fedtune.coordinator.strategy import CheckedStrategy, build_strategy
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # Messages are made inside a run; pretend to be in one
         monkeypatch.setattr(TaskIdentity, attr, 1)
 
-    def reply(node: int, kind: str, metrics: dict, arrays: dict | None = None) -> Message:
-        content = RecordDict({"metrics": MetricRecord({"client-id": node, "unit-weight": 1} | metrics)})
-        if arrays is not None:
-            content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-        return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=kind))
+    def reply(node: int, kind: str, answer: wire.TrainReply | wire.EvaluateReply) -> Message:
+        return answer.to_message(reply_to=Message(RecordDict(), dst_node_id=node, message_type=kind))
 
     cfg = CoordinatorConfig(labels=TINY_LABELS, out_dir=Path("unused"), model=ModelSpec(), min_clients=2)
     reports, rejected = {}, []
-    strategy = PrivacyTracking(build_strategy(cfg, 2), lambda r, rep: reports.update(rep), lambda *a: rejected.append(a))
+    strategy = CheckedStrategy(build_strategy(cfg, 2), lambda r, rep: reports.update(rep), lambda *a: rejected.append(a))
     strategy.current = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
-    trained = {"declined": 0, "num-examples": 5, "train-loss": 0.5}
-    privacy = {"epsilon": 1.5, "delta": 1e-5, "noise-multiplier": 1.0, "sample-rate": 0.2, "budget-epsilon": 8.0}
-    privacy |= {"steps": 5, "history-noise": [1.0], "history-rate": [0.2], "history-steps": [5]}
-    arrays, metrics = strategy.aggregate_train(
-        1,
-        [
-            reply(1, "train", trained | {"dp": 1} | privacy, {"w": np.full(3, 1.0, np.float32)}),
-            reply(2, "train", trained | {"dp": 0, "num-examples": 500}, {"w": np.full(3, 3.0, np.float32)}),
-        ],
+    privacy = wire.PrivacyReport(
+        epsilon=1.5, delta=1e-5, budget_epsilon=8.0, noise_multiplier=1.0, sample_rate=0.2, history=[(1.0, 0.2, 5)]
     )
+    dp = wire.TrainReply(1, num_examples=5, train_loss=0.5, privacy=privacy, update=wire.Update(np.full(3, 1.0, np.float32)))
+    no_dp = wire.TrainReply(2, num_examples=500, train_loss=0.5, update=wire.Update(np.full(3, 3.0, np.float32)))
+    arrays, metrics = strategy.aggregate_train(1, [reply(1, "train", dp), reply(2, "train", no_dp)])
     assert not rejected and set(reports) == {1, 2} and reports[1]["epsilon"] == 1.5
+    assert reports[1] == dp.metrics() and wire.TrainReply.from_metrics(reports[1]).privacy == privacy  # round trip
     np.testing.assert_allclose(arrays["w"].numpy(), 2.0)  # equal weights, whatever the counts
     assert metrics["max-epsilon"] == 1.5
-    evaluated = {"num-examples": 4, "loss": 0.3, "accuracy": 0.75, "confusion": [2.0, 1.0, 0.0, 1.0]}
-    pooled = strategy.aggregate_evaluate(1, [reply(1, "evaluate", evaluated), reply(2, "evaluate", {"num-examples": 0})])
+    evaluated = wire.EvaluateReply(1, num_examples=4, loss=0.3, accuracy=0.75, confusion=[2.0, 1.0, 0.0, 1.0])
+    pooled = strategy.aggregate_evaluate(1, [reply(1, "evaluate", evaluated), reply(2, "evaluate", wire.EvaluateReply(2))])
     assert not rejected and pooled["accuracy"] == 0.75 and pooled["num-examples"] == 4

@@ -19,15 +19,23 @@ SECRET = "zq7secretrow"
 
 
 class RecordReplies:
-    """A Flower client mod that writes down what each reply carries, as it leaves the client."""
+    """A Flower client mod that writes down what each task and reply carries, as the reply leaves the client."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
     def __call__(self, msg, context, call_next):
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+        from fedtune.client import wire
+
+        task = wire.Task.from_content(msg.content)
         reply = call_next(msg, context)
         content = reply.content
         summary = {"type": reply.metadata.message_type, "records": {}, "array_bytes": b"", "metrics": {}}
+        # Flower objects per message: deployed, each is one signed HTTP call through the Fleet gateway.
+        summary["objects"] = (len(get_all_nested_objects(msg)), len(get_all_nested_objects(reply)))
+        summary["layout"] = task.layout
         for key, record in content.items():
             summary["records"][key] = type(record).__name__
             if type(record).__name__ == "ArrayRecord":
@@ -138,9 +146,14 @@ def test_only_arrays_and_metrics_leave_a_client(run) -> None:
         assert set(s["records"].values()) <= {"ArrayRecord", "MetricRecord"}
         for value in s["metrics"].values():
             assert isinstance(value, (int, float, list)) and not isinstance(value, str)
+        # The global model goes down as one flat array and a config record; a reply's weights come back as one.
+        assert s["objects"][0] == 6  # message, record dict, config, array record, one array, one chunk
+        assert all("lora" in n or "classifier" in n for n in s["layout"].names)
         if "arrays" in s:
-            assert all(dtype.startswith("float") for dtype, _ in s["arrays"].values())
-            assert all("lora" in n or "classifier" in n for n in s["arrays"])
+            assert s["arrays"] == {"weights": ("float32", (s["layout"].size,))}
+            assert s["objects"][1] == 6  # message, record dict, metrics, array record, one array, one chunk
+        else:
+            assert s["objects"][1] == 3  # message, record dict, metrics
         assert SECRET.encode() not in s["array_bytes"]
     # Nothing the run wrote contains a client's raw text.
     for path in out.rglob("*"):

@@ -62,9 +62,10 @@ def test_a_data_holder_with_no_local_evaluation_split_trains_and_evaluates(
 ) -> None:
     """Fewer than 10 rows, or eval fraction 0, leave no local evaluation split; encoding it used to crash."""
     import datasets
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedtune.client import wire
     from fedtune.client.app import handle_evaluate, handle_train
     from fedtune.client.config import ClientConfig, ModelSpec, TrainSpec
     from fedtune.client.model import build_model, trainable_state
@@ -77,18 +78,16 @@ def test_a_data_holder_with_no_local_evaluation_split_trains_and_evaluates(
     rows = sentiment_rows(6 if eval_fraction else 20)
     names = list(TINY_LABELS)
     data = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [names.index(y) for _, y in rows]})
-    arrays = ArrayRecord(trainable_state(build_model(cfg.model, TINY_LABELS)))
+    weights = {k: v.numpy() for k, v in trainable_state(build_model(cfg.model, TINY_LABELS)).items()}
     for attr in ("_run_id", "_node_id", "_task_id"):  # Messages can only be made inside a run
         monkeypatch.setattr(TaskIdentity, attr, 1)
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, "num-rounds": 1})})
+    content = wire.Task(server_round=1, num_rounds=1, weights=weights).to_content()
     reply = handle_train(Message(content, dst_node_id=7, message_type="train"), context, cfg, lambda _: data, {})
     assert not reply.has_error()
     assert reply.content["metrics"]["num-examples"] == len(rows)  # every row trains: none is held back
     assert 0 < reply.content["metrics"]["epsilon"] <= cfg.privacy.target_epsilon * 1.01
-    reply = handle_evaluate(
-        Message(RecordDict({"arrays": arrays}), dst_node_id=7, message_type="evaluate"), context, cfg, lambda _: data
-    )
+    reply = handle_evaluate(Message(content, dst_node_id=7, message_type="evaluate"), context, cfg, lambda _: data)
     assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 0
 
 
@@ -165,9 +164,10 @@ def test_the_cosine_schedule_scales_both_learning_rates_by_the_round(tiny_model_
     """Round 2 of 3 under "cosine" trains exactly as a constant schedule with both rates at 0.75x."""
     import datasets
     import numpy as np
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedtune.client import wire
     from fedtune.client.app import handle_train
     from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
     from fedtune.client.model import build_model, trainable_state
@@ -179,7 +179,7 @@ def test_the_cosine_schedule_scales_both_learning_rates_by_the_round(tiny_model_
     names = list(TINY_LABELS)
     data = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [names.index(y) for _, y in rows]})
     model = ModelSpec(name=str(tiny_model_dir), max_length=32)
-    arrays = ArrayRecord(trainable_state(build_model(model, TINY_LABELS)))
+    weights = {k: v.numpy() for k, v in trainable_state(build_model(model, TINY_LABELS)).items()}
     for attr in ("_run_id", "_node_id", "_task_id"):  # Messages can only be made inside a run
         monkeypatch.setattr(TaskIdentity, attr, 1)
 
@@ -187,7 +187,7 @@ def test_the_cosine_schedule_scales_both_learning_rates_by_the_round(tiny_model_
         cfg = ClientConfig(labels=TINY_LABELS, model=model, privacy=PrivacySpec(enabled=False),
                            train=TrainSpec(batch_size=4, device="cpu", **train))  # fmt: skip
         context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 2, "num-rounds": 3})})
+        content = wire.Task(server_round=2, num_rounds=3, weights=weights).to_content()
         reply = handle_train(Message(content, dst_node_id=7, message_type="train"), context, cfg, lambda _: data, {})
         return {k: v.numpy() for k, v in reply.content["arrays"].items()}
 

@@ -1,11 +1,12 @@
-"""8-bit updates (privacy/update_codec.py): small, unbiased error; malformed encodings are refused."""
+"""Weights on the wire (client/update_codec.py): one flat array in a known layout; 8-bit updates have small, unbiased
+error and per-tensor scales; malformed encodings are refused."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedtune.privacy.update_codec import UpdateCodecError, dequantize, quantize
+from fedtune.client.update_codec import Layout, UpdateCodecError, dequantize, flatten, quantize, unflatten
 
 
 def _weights(seed: int) -> dict[str, np.ndarray]:
@@ -53,3 +54,31 @@ def test_malformed_encodings_are_refused(spoil, needle: str) -> None:
     codes, scales = spoil(*quantize(_weights(1), base))
     with pytest.raises(UpdateCodecError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         dequantize(codes, scales, base)
+
+
+def test_weights_travel_flat_and_come_back_by_name() -> None:
+    weights = _weights(0)
+    layout = Layout.of(weights)
+    flat = flatten(weights, layout)
+    assert flat.shape == (8 * 64 + 2,) and flat.dtype == np.float32
+    back = unflatten(flat, layout)
+    assert list(back) == list(weights) and all(np.array_equal(back[k], weights[k]) for k in weights)
+    with pytest.raises(UpdateCodecError, match="expected 514"):
+        unflatten(flat[:-1], layout)
+    with pytest.raises(UpdateCodecError, match="not the layout's"):
+        flatten({"lora_A": weights["lora_A"]}, layout)
+
+
+def test_an_eight_bit_update_keeps_one_scale_per_tensor_on_the_wire() -> None:
+    from fedtune.client.wire import Update
+
+    base = _weights(0)
+    new = {"lora_A": base["lora_A"] + np.float32(1.0), "classifier.bias": base["classifier.bias"] + np.float32(0.001)}
+    update = Update.encode(new, base, "int8", seed=1)
+    assert update.values.dtype == np.int8 and update.values.shape == (8 * 64 + 2,)
+    assert update.scales is not None and update.scales.shape == (2,)
+    np.testing.assert_allclose(update.scales, [1.0 / 127, 0.001 / 127], rtol=1e-3)  # each tensor its own step
+    decoded = update.decode(base)
+    for name in base:
+        np.testing.assert_allclose(decoded[name], new[name], atol=float(update.scales[list(base).index(name)]) * 1.0001)
+    assert Update.encode(new, base, "float32").decode(base)["lora_A"].tolist() == new["lora_A"].tolist()
