@@ -80,6 +80,7 @@ def federate(args: argparse.Namespace, base: Path) -> dict[str, Any]:
             cmd = ["start", "--coordinator", f"127.0.0.1:{port}", "--ca", str(coord / "tls" / "ca.pem"), "--key",
                    str(base / f"node{i}" / "node.key"), "--data", str(data), "--home", str(base / f"home{i}"),
                    "--runtime-port", str(_free_port())]  # fmt: skip
+            cmd += ["--threads", str(args.threads)] if args.threads else []
             log = (base / f"client{i}.log").open("w")
             procs.append(subprocess.Popen([str(BIN / "fedtune-client"), *cmd], env=env, stdout=log, stderr=subprocess.STDOUT))
         if procs[0].wait(timeout=3600) != 0:
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="after", help="name of this measurement in the JSON (before | after)")
     p.add_argument("--smoke", action="store_true", help="2 clients x 2 rounds, 24 rows (use with a tiny --model)")
     p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/p6_deploy_overhead_LABEL.json)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="each client's --threads: the clients share this host's cores, as separate hosts would not "
+                        "(0: torch's default, a thread per core; also for --code checkouts without the flag)")  # fmt: skip
     p.add_argument("--keep", type=Path, help="work in this (new) folder and keep its logs, instead of a temporary one")
     args = p.parse_args(argv)
     if args.smoke:

@@ -130,6 +130,7 @@ def handle_train(
     ledger_path: str | None = None,
 ) -> Message:
     """One round: check the budget, train, and reply with the trained weights and aggregate metrics."""
+    cfg.train.use_threads()
     task = wire.Task.from_content(msg.content)
     cid = client_id(context)
     data = NODE_DATA.get(cfg, data_fn, dict(context.node_config))
@@ -181,6 +182,7 @@ def handle_train(
 
 def handle_evaluate(msg: Message, context: Context, cfg: ClientConfig, data_fn: DataFn) -> Message:
     """Evaluate the global model on this node's held-back local split; reply with metrics only."""
+    cfg.train.use_threads()
     task = wire.Task.from_content(msg.content)
     held = NODE_DATA.get(cfg, data_fn, dict(context.node_config)).held
     scores: dict[str, Any] = {}

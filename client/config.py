@@ -109,6 +109,11 @@ class TrainSpec:
     lr_schedule: str = setting("constant", choices=LR_SCHEDULES, help="learning rates over the rounds")
     eval_fraction: float = setting(0.2, help="share of each client's data kept for its local evaluation, not trained on")
     device: str = setting("auto", choices=DEVICES, scope=NODE, help="where this client trains")
+    # torch's default is a thread per core. Three clients sharing 2 cores that way made a MiniLM DP round take
+    # 3-15 s instead of 0.7-0.9 s with one thread each (P6, benchmarks/README.md): busy-waiting threads collide.
+    threads: int = setting(
+        0, scope=NODE, help="CPU threads torch may use for this client (0: one per core); 1 when clients share a host"
+    )
     seed: int = setting(0, help="seed for splits, initialisation, sampling and noise")
 
     def __post_init__(self) -> None:
@@ -118,6 +123,7 @@ class TrainSpec:
         _require(self.physical_batch_size >= 0, f"physical batch size must be >= 0, got {self.physical_batch_size}")
         _require(self.local_epochs >= 1, f"local epochs must be >= 1, got {self.local_epochs}")
         _require(0 <= self.eval_fraction < 1, f"eval fraction must be in [0, 1), got {self.eval_fraction}")
+        _require(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
         check_choices(self)
         # torch is imported only when asked about CUDA: `fedtune-client start` validates its settings in a
         # supervising process that never trains, and torch would cost it ~4 CPU-seconds and ~400 MB.
@@ -125,6 +131,13 @@ class TrainSpec:
             self.device != "cuda" or _cuda_available(),
             "device 'cuda' was asked for but no CUDA GPU is available (use --device auto or cpu)",
         )
+
+    def use_threads(self) -> None:
+        """Limit torch's CPU threads in this process to `threads` (0 leaves torch's default)."""
+        import torch
+
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
 
     def torch_device(self) -> torch.device:
         import torch

@@ -67,10 +67,18 @@ def exchange(grid: Grid, messages: Iterable[Message], deadline: float) -> Exchan
     return out
 
 
-# Flower's deployed Grid.send_and_receive polls every 3 s: up to 3 s idle per phase, twice a round. Every 0.2 s
-# cost the ServerApp a third of a core while 20 clients trained (each pull queries the SuperLink's database),
-# so 0.5 s: at most half a second idle per phase.
-REPLY_POLL_SECONDS = 0.5
+# Flower's deployed Grid.send_and_receive polls every 3 s: up to 3 s idle per phase, twice a round. A pull asks
+# the SuperLink's database about every reply still awaited: every 0.2 s cost the ServerApp a third of a core
+# while 20 clients trained. So the interval grows with what is awaited: 0.1 s for up to 4 replies (0.2 s less
+# idle per phase than a fixed 0.5 s), 0.5 s from 20 on.
+REPLY_POLL_SECONDS = (0.1, 0.5)
+REPLY_POLL_PER_AWAITED = 0.025
+
+
+def reply_poll_interval(awaited: int) -> float:
+    """Seconds between two pulls while `awaited` replies are outstanding."""
+    low, high = REPLY_POLL_SECONDS
+    return min(high, max(low, REPLY_POLL_PER_AWAITED * awaited))
 
 
 def _send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
@@ -84,7 +92,7 @@ def _send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> li
         waiting -= {m.metadata.reply_to_message_id for m in got}
         if not waiting or time.monotonic() >= end:
             break
-        time.sleep(REPLY_POLL_SECONDS)
+        time.sleep(reply_poll_interval(len(waiting)))
     return replies
 
 

@@ -155,6 +155,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
             str(free_port()),
             "--epsilon",
             "8",
+            "--threads",
+            "1",  # the clients share this host's cores (see --threads)
         ]
 
     try:

@@ -79,7 +79,8 @@ def crashed_and_resumed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir
     def client(i: int) -> list[str]:
         return ["fedtune-client", "start", "--coordinator", f"127.0.0.1:{port}", "--ca", str(base / "coord" / "tls" / "ca.pem"),
                 "--key", str(base / f"node{i}" / "node.key"), "--data", str(write_data(base / f"data{i}.csv", 48, 48 * i)),
-                "--home", str(base / f"home{i}"), "--runtime-port", str(free_port()), "--epsilon", "8"]  # fmt: skip
+                "--home", str(base / f"home{i}"), "--runtime-port", str(free_port()), "--epsilon", "8", "--threads",
+                "1"]  # fmt: skip
 
     logs = [base / "coordinator.log", base / "resumed.log", *(base / f"client{i}.log" for i in range(3))]
     coordinator = start(["fedtune-coordinator", "start", "--config", str(toml)], logs[0])

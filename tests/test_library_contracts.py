@@ -86,6 +86,29 @@ def test_supernode_pulls_objects_through_its_module_global_pull_objects_with_bac
         assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
 
 
+# client/flower_node.py: `prompt_push` hands `_push_messages` a state and an object store that await replies.
+def test_supernode_pushes_replies_through_the_two_lookups_prompt_replies_speeds_up() -> None:
+    from flwr.supernode import start_client_internal as module
+
+    calls = _calls(module.start_client_internal, "_push_messages")
+    assert calls and all(not call.args for call in calls), "the SuperNode loop no longer calls _push_messages by keyword"
+    assert {k.arg for call in calls for k in call.keywords} >= {"state", "object_store"}
+    source = inspect.getsource(module._push_messages)
+    # The two waits PromptReplies replaces: the reply itself, then each of its objects' content.
+    assert "state.get_messages_legacy(is_reply=True)" in source
+    assert 'object_store.get(tree.object_id)) == b""' in source
+
+
+# coordinator/deploy.py: `pull_objects_promptly` shortens the ServerApp's first retry for a reply's objects.
+def test_serverapp_grid_pulls_reply_objects_through_its_module_global_pull_objects() -> None:
+    from flwr.superlink.grid import http_grid
+
+    assert _calls(http_grid.HttpGrid.pull_messages, "pull_objects"), "the Grid no longer pulls through pull_objects"
+    parameters = inspect.signature(http_grid.pull_objects).parameters
+    for name in ("initial_backoff", "backoff_cap"):
+        assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
 # client/runtime.py: a pulled message gets the id of its object tree, written where Flower itself writes it.
 def test_flower_message_id_is_read_from_the_metadata_dict_entry_fedtune_writes(in_a_run: None) -> None:
     from flwr.app import Message, RecordDict

@@ -78,6 +78,8 @@ def load_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
                         str(free_port()),
                         "--epsilon",
                         "8",
+                        "--threads",
+                        "1",  # twenty clients share two cores (see --threads)
                     ],  # fmt: skip
                     base / f"client{i}.log",
                 )
