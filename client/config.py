@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,10 +76,13 @@ class PrivacySpec:
     def __post_init__(self) -> None:
         if self.budget_epsilon is None:  # older callers said "no limit of its own" with None
             object.__setattr__(self, "budget_epsilon", 0.0)
-        _require(self.target_epsilon > 0, f"target epsilon must be > 0, got {self.target_epsilon}")
+        _require(0 < self.target_epsilon < math.inf, f"target epsilon must be a finite number > 0, got {self.target_epsilon}")
         _require(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         _require(self.max_grad_norm > 0, f"clipping norm must be > 0, got {self.max_grad_norm}")
-        _require(self.budget_epsilon >= 0, f"budget epsilon must be > 0 (or 0: the target epsilon), got {self.budget_epsilon}")
+        _require(
+            0 <= self.budget_epsilon < math.inf,
+            f"budget epsilon must be a finite number > 0 (or 0: the target epsilon), got {self.budget_epsilon}",
+        )
         check_choices(self)
 
     @property
@@ -173,6 +177,8 @@ class ClientConfig:
     def __post_init__(self) -> None:
         _require(len(self.labels) >= 2, f"need at least two labels, got {list(self.labels)}")
         _require(len(set(self.labels)) == len(self.labels), f"labels must be distinct, got {list(self.labels)}")
+        # Labels travel comma-separated (Flower's run config): a comma inside one would split it in two.
+        _require(not any("," in name for name in self.labels), f"a label must not contain a comma, got {list(self.labels)}")
 
 
 def node_config(privacy: PrivacySpec, train: TrainSpec, columns: ColumnSpec, data_path: str, ledger: str) -> dict[str, Any]:

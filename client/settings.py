@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -118,10 +119,8 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
         elif t == "float":
-            if isinstance(value, str):
-                return float(value)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
+            if isinstance(value, str | int | float) and not isinstance(value, bool) and math.isfinite(float(value)):
+                return float(value)  # never inf or nan: `--budget-epsilon inf` would be no budget at all
         elif t == "str":
             if isinstance(value, str):
                 return value

@@ -36,6 +36,7 @@ ACCOUNTANT, MAX_GRAD_NORM, LEDGER = "accountant", "max-grad-norm", "ledger"  # a
 HISTORY = ("history-noise", "history-rate", "history-steps")  # Opacus' (noise, rate, steps), one entry a mechanism
 LOSS, ACCURACY, MACRO_F1, PRECISION, RECALL, CONFUSION = "loss", "accuracy", "macro-f1", "precision", "recall", "confusion"
 MAX_ID = 2**53 - 1  # ids and counts stay exact in JSON
+MAX_EPSILON = "max-epsilon"  # the coordinator's train metrics of a round: the largest epsilon a client reports
 
 
 class WireError(ValueError):
@@ -257,18 +258,32 @@ class Update:
         return ArrayRecord(arrays)
 
     @classmethod
-    def from_record(cls, record: ArrayRecord, layout: Layout) -> Update:
+    def from_record(cls, record: ArrayRecord, layout: Layout, encoding: str) -> Update:
         """Check the arrays' names, shapes and dtypes against the layout the task sent (values are checked later)."""
         if WEIGHTS not in record or not set(record) <= {WEIGHTS, SCALES}:
             raise WireError(f"the '{ARRAYS}' record must hold '{WEIGHTS}' (and '{SCALES}' if 8-bit), got {sorted(record)}")
-        values = record[WEIGHTS].numpy()
-        scales = record[SCALES].numpy() if SCALES in record else None
+        values, scales = _ndarray(record, WEIGHTS), _ndarray(record, SCALES) if SCALES in record else None
+        if (scales is not None) != (encoding == "int8"):
+            raise WireError(
+                f"the task asked for a {encoding} update, the reply {'has' if scales is not None else 'lacks'} 8-bit scales"
+            )
         expected = np.dtype(np.int8) if scales is not None else layout.dtype
         if values.shape != (layout.size,) or values.dtype != expected:
             raise WireError(f"the weights are {values.shape} {values.dtype}, expected ({layout.size},) {expected}")
         if scales is not None and (scales.shape != (len(layout.names),) or scales.dtype != np.float32):
             raise WireError(f"the scales are {scales.shape} {scales.dtype}, expected ({len(layout.names)},) float32")
         return cls(values, scales)
+
+
+def _ndarray(record: ArrayRecord, name: str) -> np.ndarray:
+    """An array of a received record as numpy; bytes that are not a plain numpy array are the sender's fault."""
+    try:
+        value = record[name].numpy()
+    except Exception as err:  # Flower's deserialisation raises TypeError, ValueError, ... on hostile bytes
+        raise WireError(f"array '{name}' does not decode ({type(err).__name__})") from None
+    if not isinstance(value, np.ndarray):
+        raise WireError(f"array '{name}' is a {type(value).__name__}, not an array")
+    return value
 
 
 # --- replies --------------------------------------------------------------------------------------------------------
@@ -382,9 +397,9 @@ class TrainReply:
         )
 
     @classmethod
-    def from_message(cls, msg: Message, client_id: int, layout: Layout) -> TrainReply:
-        """Decode a train reply from client `client_id` (known from its node) to a task of `layout`; WireError if
-        malformed. Reads the message, never changes it."""
+    def from_message(cls, msg: Message, client_id: int, layout: Layout, encoding: str = "float32") -> TrainReply:
+        """Decode a train reply from client `client_id` (known from its node) to a task of `layout` that asked for
+        an `encoding` update; WireError if malformed. Reads the message, never changes it."""
         content = msg.content
         _check_records(content, {METRICS: MetricRecord, ARRAYS: ArrayRecord})
         metrics = dict(content[METRICS])
@@ -394,7 +409,7 @@ class TrainReply:
             raise WireError(f"a declined reply carries weights (an '{ARRAYS}' record)")
         if not metrics[DECLINED] and ARRAYS not in content:
             raise WireError(f"no weights (no '{ARRAYS}' record)")
-        update = Update.from_record(content[ARRAYS], layout) if ARRAYS in content else None
+        update = Update.from_record(content[ARRAYS], layout, encoding) if ARRAYS in content else None
         return cls.from_metrics(metrics, update)
 
 

@@ -13,6 +13,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from fedtune.client import wire
 from fedtune.client.model import build_model, export_model, load_tokenizer, load_trainable_state, trainable_state
+from fedtune.client.settings import to_flat
 from fedtune.client.trusted_app import PROTOCOL_VERSION
 from fedtune.coordinator.checkpoint import (
     Checkpoint,
@@ -32,19 +33,16 @@ from fedtune.coordinator.strategy import CheckedStrategy, build_strategy, client
 Evaluator = Callable[[torch.nn.Module], dict[str, Any]]
 
 
+# What a resumed run may change: deadlines and how many clients it waits for. Every other setting of the model
+# and the coordinator must be the checkpointed run's (a new pooler or learning schedule would train another model).
+RESUME_MAY_CHANGE = frozenset({"round_timeout", "round_retries", "join_timeout", "wait_for_clients", "min_clients"})
+
+
 def resume_settings(cfg: CoordinatorConfig) -> dict[str, Any]:
-    """Settings a resumed run must share with the run it continues."""
-    m = cfg.model
-    return {
-        "labels": list(cfg.labels),
-        "model": m.name,
-        "lora": m.lora,
-        "lora_r": m.lora_r,
-        "num_rounds": cfg.num_rounds,
-        "strategy": cfg.strategy,
-        "central_dp": cfg.central_dp,
-        "protocol": PROTOCOL_VERSION,  # what a checkpoint's recorded replies speak (client/wire.py)
-    }
+    """Settings a resumed run must share with the run it continues, as JSON values (a checkpoint stores JSON)."""
+    flat = {**to_flat(cfg.model), **to_flat(cfg)}
+    kept = {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items() if k not in RESUME_MAY_CHANGE}
+    return kept | {"protocol": PROTOCOL_VERSION}  # what a checkpoint's recorded replies speak (client/wire.py)
 
 
 def simulated_clients(grid: Grid) -> dict[int, int]:

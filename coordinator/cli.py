@@ -117,10 +117,12 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             console.print(Panel(service.INSECURE_WARNING, title="WARNING", style="bold red"))
         echo = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
         results = service.run_service(cfg, echo, args.keep_running, resume=args.resume)
+        from fedtune.client import wire  # here: flwr is a second of import for every other command
+
         final = results.get("final") or {}
         console.print(
             f"run {results['run_id']} finished: "
-            + (f"accuracy {final['accuracy']:.4f}; " if "accuracy" in final else "")
+            + (f"accuracy {final[wire.ACCURACY]:.4f}; " if wire.ACCURACY in final else "")
             + f"results in {results['out_dir']}/results.json, model in {results['out_dir']}/{results.get('model_dir', 'model')}"
         )
     return 0

@@ -35,12 +35,16 @@ def as_travelling(messages: Iterable[Message]) -> list[Message]:
     return out
 
 
-def accept_train(msg: Message, client_id: int, base: Tensors, max_update_norm: float) -> tuple[wire.TrainReply, Tensors | None]:
+def accept_train(
+    msg: Message, client_id: int, base: Tensors, max_update_norm: float, encoding: str = "float32"
+) -> tuple[wire.TrainReply, Tensors | None]:
     """The decoded reply and, unless it declined, its new weights by name; Rejected when either must not be used."""
     try:
-        reply = wire.TrainReply.from_message(msg, client_id, Layout.of(base))
+        reply = wire.TrainReply.from_message(msg, client_id, Layout.of(base), encoding)
     except wire.WireError as err:
         raise Rejected(f"reply rejected: {err}") from None
+    except Exception as err:  # a reply is untrusted input: whatever it breaks is its sender's fault, never a crash
+        raise Rejected(f"reply rejected: undecodable ({type(err).__name__})") from None
     if reply.update is None:
         return reply, None
     try:
@@ -57,6 +61,8 @@ def accept_evaluate(msg: Message, client_id: int, num_labels: int | None) -> wir
         return wire.EvaluateReply.from_message(msg, client_id, num_labels)
     except wire.WireError as err:
         raise Rejected(f"reply rejected: {err}") from None
+    except Exception as err:  # as for training: the sender's fault, never a crash
+        raise Rejected(f"reply rejected: undecodable ({type(err).__name__})") from None
 
 
 def for_aggregation(msg: Message, reply: wire.TrainReply, weights: Tensors) -> Message:

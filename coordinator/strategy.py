@@ -35,7 +35,6 @@ from fedtune.privacy import epsilon_spent
 
 ClientReport = dict[str, float]  # a train reply's metrics as the client sent them (wire.TrainReply.metrics)
 # Called once per round with each replying client's id and its train metrics (epsilon, declined, ...).
-MAX_EPSILON = "max-epsilon"  # the round's train metrics: the largest epsilon a client that trained reports
 ReportSink = Callable[[int, dict[int, ClientReport]], None]
 # Called with (round, phase, client id, reason) for every reply kept out of aggregation as invalid.
 RejectionSink = Callable[[int, str, int, str], None]
@@ -147,12 +146,14 @@ class CheckedStrategy(Strategy):
         self.client_of = client_of
         self.num_labels = num_labels
         self.current: ArrayRecord | None = None  # the global model of the round in progress
+        self.encoding = "float32"  # the update encoding the round's task asked for
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.current = arrays  # what every update must match
+        self.encoding = str(config.get(wire.UPDATE_ENCODING, "float32"))  # and how it must be encoded
         return as_travelling(self.inner.configure_train(server_round, arrays, config, grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -167,7 +168,7 @@ class CheckedStrategy(Strategy):
                 continue
             cid = self.client_of(msg.metadata.src_node_id)
             try:
-                reply, weights = accept_train(msg, cid, base, self.max_update_norm)
+                reply, weights = accept_train(msg, cid, base, self.max_update_norm, self.encoding)
             except Rejected as rejected:
                 if rejected.reply is not None:  # well formed: its report is the client's own, though its update is not used
                     reports[cid] = rejected.reply
@@ -185,7 +186,7 @@ class CheckedStrategy(Strategy):
             arrays = in_dtypes_of(arrays, self.current)
         eps = [reports[cid].privacy.epsilon for cid in trained if reports[cid].privacy is not None]
         if metrics is not None and eps:
-            metrics[MAX_EPSILON] = float(max(eps))
+            metrics[wire.MAX_EPSILON] = float(max(eps))
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

@@ -86,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("fedtune-simulate: interrupted")
         return 130
+    from fedtune.client import wire  # here, as the engine's own imports: `--help` stays quick
+
     final = results.get("final", {})
     console.print(
-        f"done in {results['wall_seconds']:.0f}s: accuracy {final.get('accuracy', float('nan')):.4f} "
+        f"done in {results['wall_seconds']:.0f}s: accuracy {final.get(wire.ACCURACY, float('nan')):.4f} "
         f"(majority baseline {results['baseline']['accuracy']:.4f}); results in {cfg.run_dir()}/results.json, "
         f"plots in {cfg.run_dir()}/plots, model in {cfg.run_dir()}/{results['model_dir']}"
     )

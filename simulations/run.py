@@ -29,6 +29,7 @@ from fedtune.coordinator.app import make_server_app, resume_settings
 from fedtune.coordinator.checkpoint import CheckpointError, check_settings, load_checkpoint
 from fedtune.coordinator.config import CoordinatorConfig
 from fedtune.coordinator.rounds import JoinTimeout, RoundFailed
+from fedtune.privacy.at_rest import write_atomic
 from fedtune.simulations.config import SimulationConfig, SimulationConfigError, role
 from fedtune.simulations.datasets import DataSpec, PartitionData
 
@@ -185,7 +186,7 @@ def simulate(
         console.print(f"resuming {out_dir} after round {ckpt.server_round} of {cfg.num_rounds}")
     else:  # written only once every setting is known to be valid: a refused run leaves no folder behind
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
+        write_atomic(out_dir / "config.json", json.dumps(cfg.to_json(), indent=1) + "\n")
     device = ccfg.train.torch_device()
     server_app = make_server_app(
         coord, cfg.num_clients, evaluator=lambda model: evaluate(model, held_encoded, tokenizer, 64, device)

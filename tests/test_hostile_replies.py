@@ -89,7 +89,9 @@ class Hostile:
         record = {
             "metrics": dict(reply.content[wire.METRICS]) if wire.METRICS in reply.content else None,
             # The weights travel flat; by name again through the task's layout, as the coordinator reads them.
-            "arrays": wire.Update.from_record(arrays, task.layout).decode(task.weights) if arrays is not None else {},
+            "arrays": wire.Update.from_record(arrays, task.layout, task.update_encoding).decode(task.weights)
+            if arrays is not None
+            else {},
         }
         (self.folder / f"{kind}-{server_round}-{pid}.pkl").write_bytes(pickle.dumps(record))
         return reply
@@ -228,7 +230,55 @@ def test_replies_with_different_optional_metrics_aggregate_together(monkeypatch)
     assert not rejected and set(reports) == {1, 2} and reports[1]["epsilon"] == 1.5
     assert reports[1] == dp.metrics() and wire.TrainReply.from_metrics(reports[1]).privacy == privacy  # round trip
     np.testing.assert_allclose(arrays["w"].numpy(), 2.0)  # equal weights, whatever the counts
-    assert metrics["max-epsilon"] == 1.5
+    assert metrics[wire.MAX_EPSILON] == 1.5
     evaluated = wire.EvaluateReply(1, num_examples=4, loss=0.3, accuracy=0.75, confusion=[2.0, 1.0, 0.0, 1.0])
     pooled = strategy.aggregate_evaluate(1, [reply(1, "evaluate", evaluated), reply(2, "evaluate", wire.EvaluateReply(2))])
     assert not rejected and pooled["accuracy"] == 0.75 and pooled["num-examples"] == 4
+
+
+def _npz_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, w=np.zeros(3, np.float32))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("spoil_arrays", "reason"),
+    [
+        (lambda a: a.__setattr__("data", b"\x80\x04 not an array"), "array 'weights' does not decode"),
+        (lambda a: a.__setattr__("stype", "torch.pickle"), "array 'weights' does not decode"),
+        (lambda a: a.__setattr__("data", _npz_bytes()), "array 'weights' is a NpzFile, not an array"),
+        (lambda a: None, "the task asked for a float32 update, the reply has 8-bit scales"),
+    ],
+    ids=["garbage-bytes", "foreign-serialisation", "a-zip-of-arrays", "8-bit-unasked"],
+)
+def test_an_undecodable_update_is_rejected_not_a_crash(monkeypatch, spoil_arrays, reason: str) -> None:
+    """Array bytes are the sender's too: whatever Flower's deserialisation makes of them, the reply is rejected
+    with a reason and the round goes on."""
+    from flwr.app import Array, ArrayRecord, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedtune.client import wire
+    from fedtune.client.model import ModelSpec
+    from fedtune.coordinator.config import CoordinatorConfig
+    from fedtune.coordinator.strategy import CheckedStrategy, build_strategy
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = CoordinatorConfig(labels=TINY_LABELS, out_dir=Path("unused"), model=ModelSpec(), min_clients=1)
+    reports, rejected = {}, []
+    strategy = CheckedStrategy(build_strategy(cfg, 1), lambda r, rep: reports.update(rep), lambda *a: rejected.append(a))
+    strategy.current = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    update = wire.Update(np.zeros(3, np.int8), np.ones(1, np.float32))  # 8-bit: scales travel too
+    answer = wire.TrainReply(1, num_examples=5, train_loss=0.5, update=update)
+    msg = answer.to_message(reply_to=Message(RecordDict(), dst_node_id=1, message_type="train"))
+    if reason.startswith("array"):
+        del msg.content[wire.ARRAYS][wire.SCALES]
+        spoil_arrays(msg.content[wire.ARRAYS][wire.WEIGHTS])
+    arrays, _ = strategy.aggregate_train(1, [msg])
+    assert arrays is None  # nobody's update was used: the global model stays
+    ((server_round, phase, cid, why),) = rejected
+    assert (server_round, phase, cid) == (1, "train", 1) and why.startswith("reply rejected: ") and reason in why, why
+    assert reports == {}  # a reply that does not decode reports nothing, as every malformed reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ def test_outside_the_repository_fedtune_packages_import_and_the_old_names_do_not
         "print([n for n in ('client', 'coordinator', 'privacy', 'simulations') if importlib.util.find_spec(n)])\n"
         "import benchmarks; print(benchmarks.__file__)\n"  # Opacus' own top-level package, not fedtune's
     )
-    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    # As installed: no PYTHONPATH (Ray, started by other tests in this process, adds the repository to it).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     old_names, opacus_benchmarks = done.stdout.splitlines()
     assert old_names == "[]"

@@ -244,3 +244,14 @@ def test_loaded_data_belongs_to_its_owner(tmp_path: Path) -> None:
     assert data.sizes() == sizes and PartitionData(spec).sizes() != sizes
     data.reset()
     assert data.sizes() != sizes
+
+
+def test_a_run_cannot_set_a_data_holders_privacy() -> None:
+    """Privacy is the node's alone: every PrivacySpec setting is node-scoped, and a run config naming them (an
+    operator asking for epsilon 1000 and no DP) changes nothing in the ClientConfig a deployed client builds."""
+    from fedtune.client.deploy import config_from_context
+    from fedtune.client.settings import NODE, flower_key, settings
+
+    assert {f.metadata["scope"] for f in settings(PrivacySpec)} == {NODE}
+    greedy_run = {"labels": ",".join(LABELS)} | {flower_key(f): _other(f) for f in settings(PrivacySpec)}
+    assert config_from_context(greedy_run, {}).privacy == PrivacySpec()

@@ -121,6 +121,7 @@ def test_eight_bit_updates_are_decoded_before_validation() -> None:
     rejected: dict[int, str] = {}
     strategy = fedavg_noting_rejections(rejected)
     strategy.current = ArrayRecord({k: Array(v) for k, v in current.items()})
+    strategy.encoding = "int8"  # as configure_train records it from the round's task
     replies = [
         encoded(0, good),
         encoded(1, good, nan_scale),
