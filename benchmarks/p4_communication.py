@@ -19,12 +19,11 @@ import numpy as np
 LABELS = ("negative", "positive")
 
 
-def payload_bytes(records: dict[str, Any]) -> int:
-    """Serialised size of a message's content, as Flower puts it on the wire."""
-    from flwr.app import RecordDict
+def payload_bytes(content: Any) -> int:
+    """Serialised size of a message's content (a RecordDict), as Flower puts it on the wire."""
     from flwr.common.serde import recorddict_to_proto
 
-    return recorddict_to_proto(RecordDict(records)).ByteSize()
+    return recorddict_to_proto(content).ByteSize()
 
 
 Weights = dict[str, np.ndarray]
@@ -53,20 +52,19 @@ def trained_update(model_name: str, lora: bool, rows: int, max_length: int) -> t
 
 
 def measure(model_name: str, rows: int, max_length: int) -> list[dict[str, Any]]:
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
-
+    from fedtune.client import wire
     from fedtune.client.config import ModelSpec
     from fedtune.client.model import build_model, trainable_state
     from fedtune.client.update_codec import quantize
 
-    config = ConfigRecord({"server-round": 1, "num-rounds": 5, "proximal-mu": 0.0, "update-encoding": "float32"})
-    # What a client reports with its update (privacy report included): small next to any weights.
-    metrics = MetricRecord({"client-id": 3, "num-examples": rows, "train-loss": 0.6, "epsilon": 3.2, "delta": 1e-5,
-                            "noise-multiplier": 1.1, "sample-rate": 0.1, "steps": 10, "history-noise": [1.1],
-                            "history-rate": [0.1], "history-steps": [10], "declined": 0, "budget-epsilon": 8.0})  # fmt: skip
+    # What a DP client reports with its update (its privacy report): small next to any weights.
+    privacy = wire.PrivacyReport(
+        epsilon=3.2, delta=1e-5, budget_epsilon=8.0, noise_multiplier=1.1, sample_rate=0.1, history=[(1.1, 0.1, 10)]
+    )
 
-    def record(state: dict[str, np.ndarray]) -> ArrayRecord:
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    def reply(state: Weights, base: Weights, encoding: str) -> Any:
+        update = wire.Update.encode(state, base, encoding)
+        return wire.TrainReply(3, num_examples=rows, train_loss=0.6, privacy=privacy, update=update).to_content()
 
     full = {k: v.numpy() for k, v in trainable_state(build_model(ModelSpec(name=model_name, lora=False), LABELS)).items()}
     lora_before, lora_after = trained_update(model_name, True, rows, max_length)
@@ -75,18 +73,19 @@ def measure(model_name: str, rows: int, max_length: int) -> list[dict[str, Any]]
     delta = np.concatenate([(lora_after[k] - lora_before[k]).ravel() for k in codes])
     error = np.concatenate([(decoded[k] - lora_after[k]).ravel() for k in codes])
     # Only the size matters for full fine-tuning (its update would be as large as the model): shapes decide it.
-    full_codes, full_scales = quantize(full, {k: np.zeros_like(v) for k, v in full.items()})
+    full_base = {k: np.zeros_like(v) for k, v in full.items()}
 
-    settings = {
-        "full fine-tuning": (full, {"arrays": record(full), "metrics": metrics}),
-        "full, 8-bit": (full, {"arrays": record(full_codes), "scales": record(full_scales), "metrics": metrics}),
-        "LoRA": (lora_after, {"arrays": record(lora_after), "metrics": metrics}),
-        "LoRA, 8-bit": (lora_after, {"arrays": record(codes), "scales": record(scales), "metrics": metrics}),
+    settings = {  # what travels up, in fedtune's wire format (client/wire.py): one flat array, 8-bit adds scales
+        "full fine-tuning": (full, reply(full, full_base, "float32")),
+        "full, 8-bit": (full, reply(full, full_base, "int8")),
+        "LoRA": (lora_after, reply(lora_after, lora_before, "float32")),
+        "LoRA, 8-bit": (lora_after, reply(lora_after, lora_before, "int8")),
     }
     rows_out = []
     full_up = payload_bytes(settings["full fine-tuning"][1])
     for name, (state, up) in settings.items():
-        down = payload_bytes({"arrays": record(state), "config": config})  # the global model goes down in float32
+        # The global model goes down in float32, as a task.
+        down = payload_bytes(wire.Task(server_round=1, num_rounds=5, weights=state).to_content())
         up_bytes = payload_bytes(up)
         row = {
             "setting": name,

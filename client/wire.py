@@ -372,11 +372,15 @@ class TrainReply:
             out[TRAIN_SECONDS] = float(self.train_seconds)
         return out | (self.privacy.to_metrics() if self.privacy is not None else {})
 
-    def to_message(self, reply_to: Message) -> Message:
+    def to_content(self) -> RecordDict:
+        """The reply as it travels: its metrics and, unless it declined, its update."""
         content = RecordDict({METRICS: MetricRecord(self.metrics())})
         if self.update is not None:
             content[ARRAYS] = self.update.to_record()
-        return Message(content=content, reply_to=reply_to)
+        return content
+
+    def to_message(self, reply_to: Message) -> Message:
+        return Message(content=self.to_content(), reply_to=reply_to)
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, Any], update: Update | None = None) -> TrainReply:
