@@ -89,8 +89,9 @@ def test_exported_model_beats_majority_baseline_by_ten_points(main_job: MainJob)
 
     results = json.loads((main_job.run_dir / "results.json").read_text())
     _, held_out, labels = split(DataSpec())  # the default job's held-out split (same seed)
-    # The bundled MiniLM is mean-pooled: the export carries that pooling as code of its own.
-    classify = pipeline("text-classification", model=str(main_job.run_dir / "model"), device="cpu", trust_remote_code=True)
+    # The bundled MiniLM is mean-pooled: with fedtune imported (above), its registered classes load the export, and
+    # no code from the model folder runs (trust_remote_code=True would run the folder's fallback instead).
+    classify = pipeline("text-classification", model=str(main_job.run_dir / "model"), device="cpu")
     predicted = [p["label"] for p in classify(list(held_out["text"]), batch_size=256)]
     truth = [labels[i] for i in held_out["label"]]
     accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
