@@ -176,7 +176,8 @@ def handle_train(
         {name: w.numpy() for name, w in weights.items()}, task.weights, task.update_encoding, seed=cid * 1_009 + task.server_round
     )
     # train-seconds: local compute of the round (DP wiring included), for the coordinator's efficiency figures.
-    reply = wire.TrainReply(cid, False, len(data.train), outcome.mean_loss, seconds, report, update)
+    tokens = outcome.tokens if cfg.model.causal_lm else None
+    reply = wire.TrainReply(cid, False, len(data.train), outcome.mean_loss, seconds, report, update, tokens)
     return reply.to_message(reply_to=msg)
 
 
@@ -190,7 +191,9 @@ def handle_evaluate(msg: Message, context: Context, cfg: ClientConfig, data_fn: 
         model = build_model(cfg.model, cfg.labels)
         load_trainable_state(model, {name: torch.from_numpy(w) for name, w in task.weights.items()})
         scores = evaluate(model, held, load_tokenizer(cfg.model.name), 64, cfg.train.torch_device())
-        scores.pop(wire.NUM_EXAMPLES, None)  # the reply states it from the split itself
+        # What travels is the wire's scores; the count comes from the split itself, and figures such as
+        # perplexity are the coordinator's to derive.
+        scores = {k: v for k, v in scores.items() if k in wire.EVALUATE and k != wire.NUM_EXAMPLES}
     return wire.EvaluateReply.from_scores(client_id(context), len(held), scores).to_message(reply_to=msg)
 
 

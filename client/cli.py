@@ -122,7 +122,8 @@ def start(args: argparse.Namespace, console: Console) -> int:
     import datasets
 
     from fedtune.client.config import node_config
-    from fedtune.client.data import load_examples
+    from fedtune.client.data import read_table, table_examples
+    from fedtune.client.local_data import example_rows
     from fedtune.client.supernode import NodeSettings, check_files, run_supernode
     from fedtune.privacy.ledger import Ledger, fingerprint_rows
 
@@ -130,7 +131,11 @@ def start(args: argparse.Namespace, console: Console) -> int:
         raise ValueError("--ca is required (the coordinator's ca.pem); only --insecure runs without it")
     privacy, train, columns, labels = node_settings(args)
     datasets.disable_progress_bars()  # reading a local file is quick; a bar per split is noise
-    examples, found = load_examples(args.data, labels, columns.text_column, columns.label_column)
+    table = read_table(args.data)
+    # The run decides the task; the file says which it can serve: prompt/response columns, or no label column, are a
+    # causal LM's rows (checked as such here, and again when a run asks for them).
+    causal_lm = columns.instructions or (not labels and columns.label_column not in table.column_names)
+    examples, found = table_examples(table, columns, labels, causal_lm, str(args.data))
     ledger_path = str((args.ledger or args.home / "ledger.json").resolve())
     settings = NodeSettings(
         coordinator=args.coordinator,
@@ -144,7 +149,7 @@ def start(args: argparse.Namespace, console: Console) -> int:
     )
     fingerprint = check_files(settings)
     ledger = Ledger(settings.node_config["ledger"])
-    data_key = fingerprint_rows((t, found[y]) for t, y in zip(examples["text"], examples["label"]))
+    data_key = fingerprint_rows(example_rows(examples, found))
     spent = ledger.spent(data_key, privacy.delta, privacy.accountant) if privacy.enabled else 0.0
     if privacy.enabled and spent > 0:
         console.print(f"fedtune-client: the ledger says epsilon {spent:.3f} of {privacy.budget:g} is already spent on this data")
@@ -153,7 +158,8 @@ def start(args: argparse.Namespace, console: Console) -> int:
     if args.insecure:
         console.print(Panel("TLS IS OFF (--insecure): updates cross the network unencrypted.", style="bold red"))
     console.print(
-        f"fedtune-client: {examples.num_rows} examples in {args.data} (labels {', '.join(found)}) stay on this host; "
+        f"fedtune-client: {examples.num_rows} examples in {args.data} "
+        f"({'causal LM rows' if causal_lm else 'labels ' + ', '.join(found)}) stay on this host; "
         f"node key {fingerprint}; "
         + (f"DP-SGD budget epsilon {privacy.budget} delta {privacy.delta} ({privacy.accountant})" if privacy.enabled else "no DP")
         + f"; joining {args.coordinator}"

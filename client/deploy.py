@@ -13,7 +13,8 @@ from flwr.clientapp import ClientApp
 from fedtune.client import wire
 from fedtune.client.app import handle_evaluate, handle_train
 from fedtune.client.config import ClientConfig, ColumnSpec, ModelSpec, PrivacySpec, TrainSpec
-from fedtune.client.data import load_examples
+from fedtune.client.data import load_data
+from fedtune.client.model_source import resolve_task
 from fedtune.client.settings import NODE, RUN, coerce, from_flower, key, settings
 
 # The run (chosen by the coordinator) fixes what is trained and how; the node (the data holder's own
@@ -26,7 +27,7 @@ def config_from_context(run_config: dict[str, Any], node_config: dict[str, Any])
     """This node's ClientConfig: model and training from the run, privacy and device from the node."""
     return ClientConfig(
         labels=coerce(LABELS, run_config["labels"]),
-        model=ModelSpec(**from_flower(ModelSpec, run_config, RUN)),
+        model=resolve_task(ModelSpec(**from_flower(ModelSpec, run_config, RUN))),
         privacy=PrivacySpec(**from_flower(PrivacySpec, node_config, NODE)),
         train=TrainSpec(**from_flower(TrainSpec, run_config, RUN), **from_flower(TrainSpec, node_config, NODE)),
     )
@@ -40,12 +41,12 @@ class NodeFiles:
     def __init__(self) -> None:
         self._read: dict[tuple[str, tuple[str, ...], str, str], datasets.Dataset] = {}
 
-    def read(self, path: str, labels: tuple[str, ...], columns: ColumnSpec) -> datasets.Dataset:
-        k = (path, labels, columns.text_column, columns.label_column)
+    def read(self, path: str, labels: tuple[str, ...], columns: ColumnSpec, causal_lm: bool) -> datasets.Dataset:
+        k = (path, labels, columns, causal_lm)
         if k not in self._read:
             while len(self._read) >= self.KEEP:
                 self._read.pop(next(iter(self._read)))
-            self._read[k] = load_examples(path, labels, columns.text_column, columns.label_column)[0]
+            self._read[k] = load_data(path, columns, labels, causal_lm)[0]
         return self._read[k]
 
     def reset(self) -> None:
@@ -57,15 +58,16 @@ class NodeFiles:
 class NodeData:
     """The DataFn of a deployed node: its own file, named in its node config, read on its own host.
 
-    Equal (and hashing the same) by labels alone, as the client's tokenised-data cache expects of a DataFn.
+    Equal (and hashing the same) by labels and task alone, as the client's tokenised-data cache expects of a DataFn.
     """
 
     labels: tuple[str, ...]
     files: NodeFiles = field(default_factory=NodeFiles, compare=False, repr=False)
+    causal_lm: bool = False
 
     def __call__(self, node_config: dict[str, Any]) -> datasets.Dataset:
         columns = ColumnSpec(**from_flower(ColumnSpec, node_config, NODE))
-        return self.files.read(str(node_config["data-path"]), self.labels, columns)
+        return self.files.read(str(node_config["data-path"]), self.labels, columns, self.causal_lm)
 
 
 def make_app(files: NodeFiles | None = None) -> ClientApp:
@@ -78,14 +80,14 @@ def make_app(files: NodeFiles | None = None) -> ClientApp:
         cfg = config_from_context(dict(context.run_config), dict(context.node_config))
         server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
         print(f"fedtune-client: round {server_round}: training", file=sys.stderr, flush=True)
-        reply = handle_train(msg, context, cfg, NodeData(cfg.labels, files), {})
+        reply = handle_train(msg, context, cfg, NodeData(cfg.labels, files, cfg.model.causal_lm), {})
         _show(reply, server_round)
         return reply
 
     @client_app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = config_from_context(dict(context.run_config), dict(context.node_config))
-        return handle_evaluate(msg, context, cfg, NodeData(cfg.labels, files))
+        return handle_evaluate(msg, context, cfg, NodeData(cfg.labels, files, cfg.model.causal_lm))
 
     return client_app
 

@@ -1,4 +1,4 @@
-"""Evaluate a classifier on encoded examples: loss, accuracy, macro-F1, per-class P/R, confusion matrix."""
+"""Evaluate on encoded examples: a classifier's loss, accuracy, macro-F1, P/R and confusion matrix; a causal LM's perplexity."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.client import wire
+from fedtune.client.causal_lm import evaluate_lm
 from fedtune.client.train import Encoded, forward, make_loader
 
 
@@ -50,6 +51,9 @@ def evaluate(
     model: torch.nn.Module, data: Encoded, tokenizer: PreTrainedTokenizerBase, batch_size: int, device: torch.device
 ) -> dict[str, float | list[float]]:
     """All evaluation metrics plus the loss and the number of examples (the wire's evaluation scores)."""
+    if data and isinstance(data[0]["labels"], list):
+        # A causal LM's logits are rows x tokens x vocabulary (49k for SmolLM2): 64 rows of 64 tokens would be 0.8 GB.
+        return evaluate_lm(model, data, tokenizer, min(batch_size, 16), device)
     y, p, loss = predict(model, data, tokenizer, batch_size, device)
     num_labels = getattr(getattr(model, "config", None), "num_labels", int(max(y.max(), p.max()) + 1))
     return {wire.LOSS: loss, wire.NUM_EXAMPLES: len(y), **classification_metrics(y, p, num_labels)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,8 @@ from fedtune.client.model import load_tokenizer
 from fedtune.client.train import Encoded, encode
 from fedtune.privacy.ledger import fingerprint_rows
 
-# Returns this node's own examples (columns `text`, `label`) given its Flower node config.
+# Returns this node's own examples (columns `text` and `label`; a causal LM's `text`, or `prompt` and `response`)
+# given its Flower node config.
 DataFn = Callable[[dict[str, Any]], datasets.Dataset]
 
 
@@ -37,9 +38,16 @@ def prepare(cfg: ClientConfig, data_fn: DataFn, node_config: dict[str, Any]) -> 
         train, held = split["train"], split["test"]
     else:
         train, held = examples, examples.select([])
-    # Keyed by text and label *name*: the same file gives the same key whatever id order a run uses.
-    fingerprint = fingerprint_rows((t, cfg.labels[y]) for t, y in zip(examples["text"], examples["label"]))
+    fingerprint = fingerprint_rows(example_rows(examples, cfg.labels))
     return LocalData(encode(train, tokenizer, cfg.model.max_length), encode(held, tokenizer, cfg.model.max_length), fingerprint)
+
+
+def example_rows(examples: datasets.Dataset, labels: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+    """Each example as the ledger keys it: a classifier's text and label *name* (the same file gives the same key
+    whatever id order a run uses), a causal LM's text or prompt and response."""
+    if "label" in examples.column_names:
+        return ((t, labels[y]) for t, y in zip(examples["text"], examples["label"]))
+    return zip(*(examples[c] for c in examples.column_names))
 
 
 class LocalDataCache:

@@ -29,12 +29,15 @@ WEIGHT_NAMES, WEIGHT_DIMS, WEIGHT_RANKS, WEIGHT_DTYPES = "weight-names", "weight
 
 # Metric keys of the replies.
 CLIENT_ID, NUM_EXAMPLES, WEIGHT, DECLINED, DP = "client-id", "num-examples", "unit-weight", "declined", "dp"
-TRAIN_LOSS, TRAIN_SECONDS = "train-loss", "train-seconds"
+TRAIN_LOSS, TRAIN_SECONDS, TRAIN_TOKENS = "train-loss", "train-seconds", "train-tokens"
 EPSILON, DELTA, BUDGET_EPSILON, STEPS = "epsilon", "delta", "budget-epsilon", "steps"
 NOISE, RATE = "noise-multiplier", "sample-rate"  # this round's plan
 ACCOUNTANT, MAX_GRAD_NORM, LEDGER = "accountant", "max-grad-norm", "ledger"  # accountant: its index in ACCOUNTANTS
 HISTORY = ("history-noise", "history-rate", "history-steps")  # Opacus' (noise, rate, steps), one entry a mechanism
 LOSS, ACCURACY, MACRO_F1, PRECISION, RECALL, CONFUSION = "loss", "accuracy", "macro-f1", "precision", "recall", "confusion"
+# A causal LM's evaluation: LOSS is the mean negative log-likelihood per scored token, over TOKENS tokens.
+# PERPLEXITY (exp of it) and TOKENS_PER_SECOND are the coordinator's figures; they never travel.
+TOKENS, PERPLEXITY, TOKENS_PER_SECOND = "tokens", "perplexity", "tokens-per-second"
 MAX_ID = 2**53 - 1  # ids and counts stay exact in JSON
 MAX_EPSILON = "max-epsilon"  # the coordinator's train metrics of a round: the largest epsilon a client reports
 
@@ -77,7 +80,9 @@ PRIVACY: dict[str, Metric] = {
     HISTORY[1]: SHARES,
     HISTORY[2]: Metric(int, 0, MAX_ID, many=True),
 }
-TRAIN: dict[str, Metric] = COMMON | {DECLINED: FLAG, DP: FLAG, TRAIN_LOSS: AMOUNT, TRAIN_SECONDS: AMOUNT} | PRIVACY
+TRAIN: dict[str, Metric] = (
+    COMMON | {DECLINED: FLAG, DP: FLAG, TRAIN_LOSS: AMOUNT, TRAIN_SECONDS: AMOUNT, TRAIN_TOKENS: COUNT} | PRIVACY
+)
 EVALUATE: dict[str, Metric] = COMMON | {
     LOSS: AMOUNT,
     ACCURACY: SHARE,
@@ -85,6 +90,7 @@ EVALUATE: dict[str, Metric] = COMMON | {
     PRECISION: SHARES,
     RECALL: SHARES,
     CONFUSION: Metric(float, 0.0, MAX_ID, many=True),
+    TOKENS: COUNT,
 }
 
 
@@ -356,6 +362,7 @@ class TrainReply:
     train_seconds: float | None = None  # local compute of the round (DP wiring included)
     privacy: PrivacyReport | None = None  # None: trained WITHOUT differential privacy
     update: Update | None = None  # required unless declined
+    train_tokens: int | None = None  # a causal LM's tokens trained on in the round (its throughput figure)
 
     def metrics(self) -> dict[str, Any]:
         """The metrics as they travel (and as results.json records them)."""
@@ -370,6 +377,8 @@ class TrainReply:
             out[TRAIN_LOSS] = float(self.train_loss)
         if self.train_seconds is not None:
             out[TRAIN_SECONDS] = float(self.train_seconds)
+        if self.train_tokens is not None:
+            out[TRAIN_TOKENS] = int(self.train_tokens)
         return out | (self.privacy.to_metrics() if self.privacy is not None else {})
 
     def to_content(self) -> RecordDict:
@@ -398,6 +407,7 @@ class TrainReply:
             train_seconds=float(metrics[TRAIN_SECONDS]) if TRAIN_SECONDS in metrics else None,
             privacy=PrivacyReport.from_metrics(metrics) if metrics[DP] else None,
             update=update,
+            train_tokens=int(metrics[TRAIN_TOKENS]) if TRAIN_TOKENS in metrics else None,
         )
 
     @classmethod
@@ -429,6 +439,7 @@ class EvaluateReply:
     precision: list[float] | None = None
     recall: list[float] | None = None
     confusion: list[float] | None = None  # row-major counts, true label by predicted label
+    tokens: int | None = None  # a causal LM's scored tokens (its loss is per token)
 
     @classmethod
     def from_scores(cls, client_id: int, num_examples: int, scores: Mapping[str, Any]) -> EvaluateReply:
@@ -440,6 +451,7 @@ class EvaluateReply:
         scores = {LOSS: self.loss, ACCURACY: self.accuracy, MACRO_F1: self.macro_f1}
         lists = {PRECISION: self.precision, RECALL: self.recall, CONFUSION: self.confusion}
         out |= {k: float(v) for k, v in scores.items() if v is not None}
+        out |= {TOKENS: int(self.tokens)} if self.tokens is not None else {}
         return out | {k: [float(x) for x in v] for k, v in lists.items() if v is not None}
 
     def to_message(self, reply_to: Message) -> Message:
@@ -447,8 +459,17 @@ class EvaluateReply:
 
     @classmethod
     def from_metrics(cls, m: Mapping[str, Any], num_labels: int | None = None) -> EvaluateReply:
+        """`num_labels`: the classifier's (0: a causal LM, which sends a per-token loss; None: as the reply says)."""
         _check_metrics(m, EVALUATE, (CLIENT_ID, NUM_EXAMPLES, WEIGHT))
-        if m[NUM_EXAMPLES] > 0:
+        generative = num_labels == 0 or (num_labels is None and TOKENS in m)
+        if generative:
+            if m[NUM_EXAMPLES] > 0:
+                _check_missing(m, (LOSS, TOKENS))
+            if extra := sorted(k for k in (ACCURACY, MACRO_F1, PRECISION, RECALL, CONFUSION) if k in m):
+                raise WireError(f"a causal LM's evaluation has no {extra}")
+        elif TOKENS in m:
+            raise WireError(f"a classifier's evaluation has no '{TOKENS}'")
+        elif m[NUM_EXAMPLES] > 0:
             _check_missing(m, (LOSS, CONFUSION))
             confusion = m[CONFUSION]
             k = num_labels or math.isqrt(len(confusion))
@@ -461,7 +482,7 @@ class EvaluateReply:
             return m.get(key)  # scores are optional: a client without a local split sends none
 
         return cls(int(m[CLIENT_ID]), int(m[NUM_EXAMPLES]), some(LOSS), some(ACCURACY), some(MACRO_F1), some(PRECISION),
-                   some(RECALL), some(CONFUSION))  # fmt: skip
+                   some(RECALL), some(CONFUSION), some(TOKENS))  # fmt: skip
 
     @classmethod
     def from_message(cls, msg: Message, client_id: int, num_labels: int | None = None) -> EvaluateReply:

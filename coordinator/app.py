@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.superlink.grid import InMemoryGrid
 
 from fedtune.client import wire
+from fedtune.client.causal_lm import generate_samples
 from fedtune.client.model import build_model, export_model, load_tokenizer, load_trainable_state, trainable_state
 from fedtune.client.settings import to_flat
 from fedtune.client.trusted_app import PROTOCOL_VERSION
@@ -102,7 +103,7 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
             recorder.rejection,
             cfg.max_update_norm,
             client_of=lambda node: partitions.get(node, wire.node_client_id(node)),
-            num_labels=len(cfg.labels),
+            num_labels=0 if cfg.model.causal_lm else len(cfg.labels),
         )
         if ckpt is not None:
             restore_strategy_state(strategy, ckpt.strategy_state)
@@ -128,8 +129,13 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
             hooks=_Hooks(recorder, strategy, evaluate_fn, cfg),
         )
     load_trainable_state(model, arrays.to_torch_state_dict())
+    extra: dict[str, Any] = {}
+    if cfg.sample_prompts:  # before export, which merges the adapters into the model
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = load_tokenizer(cfg.model.name)
+        extra["samples"] = generate_samples(model, tokenizer, cfg.sample_prompts, device, chat=cfg.sample_chat)
     model_dir = export_model(model.cpu(), load_tokenizer(cfg.model.name), cfg.out_dir / "model")
-    extra: dict[str, Any] = {"model_dir": model_dir.name}
+    extra["model_dir"] = model_dir.name
     if cfg.central_dp:
         releases = sum(1 for r, e in recorder.rounds.items() if r > 0 and e.get("train"))  # rounds that aggregated
         sampled = sampled_per_round(cfg, num_clients)

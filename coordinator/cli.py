@@ -26,14 +26,16 @@ def parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="create the CA, the server certificate and coordinator.toml")
     init.add_argument("--out", type=Path, default=DEFAULT_CONFIG.parent, help="coordinator folder (default ./coord)")
-    init.add_argument("--labels", required=True, help="comma-separated label names, in id order (e.g. negative,positive)")
+    init.add_argument(
+        "--labels", default="", help="comma-separated label names, in id order (e.g. negative,positive); none for a causal LM"
+    )
     init.add_argument(
         "--host",
         action="append",
         default=[],
         help="a DNS name or IP address clients use to reach this host (repeatable; localhost and 127.0.0.1 always included)",
     )
-    add_flags(init, [FIELDS["listen"], FIELDS["port"]])
+    add_flags(init, [FIELDS["listen"], FIELDS["port"], FIELDS["model"], FIELDS["task"]])
     init.add_argument("--force", action="store_true", help="replace existing certificates and settings")
 
     for name, help_ in (("register", "allow a node's public key (node.pub)"), ("revoke", "stop allowing a node")):
@@ -89,7 +91,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     from fedtune.coordinator import service
 
     if args.command == "init":
-        given = from_flat(ServiceConfig, {k: v for k, v in vars(args).items() if k in ("listen", "port")})
+        given = from_flat(ServiceConfig, {k: v for k, v in vars(args).items() if k in ("listen", "port", "model", "task")})
         cfg = ServiceConfig(home=args.out.resolve(), labels=parse_labels(args.labels), **given)
         hosts = tuple(dict.fromkeys(["localhost", "127.0.0.1", *args.host]))
         if cfg.listen not in ("0.0.0.0", "::"):
@@ -123,6 +125,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         console.print(
             f"run {results['run_id']} finished: "
             + (f"accuracy {final[wire.ACCURACY]:.4f}; " if wire.ACCURACY in final else "")
+            + (f"perplexity {final[wire.PERPLEXITY]:.3f}; " if wire.PERPLEXITY in final else "")
             + f"results in {results['out_dir']}/results.json, model in {results['out_dir']}/{results.get('model_dir', 'model')}"
         )
     return 0

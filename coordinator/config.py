@@ -52,6 +52,10 @@ class CoordinatorConfig:
         "float32", choices=ENCODINGS, help="how clients send updates; int8: 8-bit quantised difference (~4x smaller)"
     )
     resume: bool = False  # continue the run in out_dir from its last checkpoint
+    # A causal LM's fixed prompts, completed by the final model into results.json (a simulation takes them from its
+    # held-out rows), rendered with the chat template when the run trains on prompt/response rows.
+    sample_prompts: tuple[str, ...] = ()
+    sample_chat: bool = False
     metadata: dict = field(default_factory=dict)  # extra facts recorded in results.json
 
     def __post_init__(self) -> None:

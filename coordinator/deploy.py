@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid import http_grid
 
 from fedtune.client.model import ModelSpec
+from fedtune.client.model_source import resolve_task
 from fedtune.client.settings import RUN, from_flower
 from fedtune.coordinator.app import federate
 from fedtune.coordinator.config import CoordinatorConfig
@@ -21,7 +22,7 @@ def config_from_run(run_config: dict[str, Any]) -> tuple[CoordinatorConfig, int]
     """The CoordinatorConfig and the number of clients to wait for, from the run configuration."""
     cfg = CoordinatorConfig(
         **from_flower(CoordinatorConfig, run_config, RUN),
-        model=ModelSpec(**from_flower(ModelSpec, run_config, RUN)),
+        model=resolve_task(ModelSpec(**from_flower(ModelSpec, run_config, RUN))),
         out_dir=Path(str(run_config["out-dir"])),
         resume=bool(run_config.get("resume", False)),
         metadata=json.loads(str(run_config.get("metadata", "{}"))),

@@ -76,7 +76,9 @@ def for_aggregation(msg: Message, reply: wire.TrainReply, weights: Tensors) -> M
 
 
 def evaluation_for_aggregation(msg: Message, reply: wire.EvaluateReply) -> Message:
-    metrics = {wire.WEIGHT: 1, wire.NUM_EXAMPLES: reply.num_examples, wire.LOSS: reply.loss, wire.CONFUSION: reply.confusion}
+    """A scored evaluation's metrics that pooling uses: a classifier's confusion matrix, a causal LM's token count."""
+    pooled = {wire.CONFUSION: reply.confusion} if reply.tokens is None else {wire.TOKENS: reply.tokens}
+    metrics = {wire.WEIGHT: 1, wire.NUM_EXAMPLES: reply.num_examples, wire.LOSS: reply.loss, **pooled}
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), metadata=msg.metadata)
 
 

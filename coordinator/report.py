@@ -38,6 +38,18 @@ def _record(metrics: Any) -> dict[str, Any]:
     return {k: _plain(v) for k, v in dict(metrics or {}).items()}
 
 
+def score_key(metrics: dict[str, Any]) -> str | None:
+    """The headline score of an evaluation: a classifier's accuracy or a causal LM's perplexity."""
+    return next((k for k in (wire.ACCURACY, wire.PERPLEXITY) if metrics.get(k) is not None), None)
+
+
+def train_throughput(rounds: list[dict[str, Any]]) -> float | None:
+    """A causal LM's training tokens per second of clients' local compute, over the whole run (DP wiring included)."""
+    reports = [wire.TrainReply.from_metrics(c) for r in rounds for c in r.get("clients", {}).values()]
+    timed = [(r.train_tokens, r.train_seconds) for r in reports if r.train_tokens is not None and r.train_seconds]
+    return sum(t for t, _ in timed) / sum(s for _, s in timed) if timed else None
+
+
 REJECTED = {"train": "rejected", "evaluate": "rejected_evaluate"}  # phase -> a round's entry of rejected replies
 
 
@@ -160,8 +172,8 @@ class RunRecorder:
         eps = [r.privacy.epsilon for r in reports.values() if r.privacy is not None]
         declined = [cid for cid, r in reports.items() if r.declined]
         parts = [f"round {server_round}"]
-        if wire.ACCURACY in metrics:
-            parts.append(f"accuracy {metrics[wire.ACCURACY]:.4f}  loss {metrics[wire.LOSS]:.4f}")
+        if score := score_key(metrics):
+            parts.append(f"{score} {metrics[score]:.4f}  loss {metrics[wire.LOSS]:.4f}")
         if eps:
             parts.append(f"epsilon max {max(eps):.3f}")
         if declined:
@@ -202,6 +214,8 @@ class RunRecorder:
             "wall_seconds": round(time.time() - self.started, 2),
             **extra,
         }
+        if (throughput := train_throughput(rounds)) is not None:
+            results["train_tokens_per_second"] = throughput
         write_json(self.out_dir / "results.json", results)
         write_json(self.out_dir / "privacy.json", privacy_report(results))
         plot_metrics(rounds, self.out_dir / "plots" / "metrics.png")
@@ -211,15 +225,20 @@ class RunRecorder:
 
     def print_summary(self, results: dict[str, Any]) -> None:
         table = Table(title="global model, held-out split")
-        for col in ("round", "accuracy", "macro-F1", "loss"):
-            table.add_column(col, justify="right")
-        central = any(wire.ACCURACY in r.get("global", {}) for r in results["rounds"])
+        central = any(score_key(r.get("global", {})) for r in results["rounds"])
         if not central:
             table.title = "global model, clients' pooled local evaluation"
-        for r in results["rounds"]:
-            g = r.get("global", {}) if central else r.get("federated_evaluation", {})
-            if wire.ACCURACY in g:
-                table.add_row(str(r["round"]), f"{g[wire.ACCURACY]:.4f}", f"{g[wire.MACRO_F1]:.4f}", f"{g[wire.LOSS]:.4f}")
+        evaluations = [
+            (r["round"], r.get("global", {}) if central else r.get("federated_evaluation", {})) for r in results["rounds"]
+        ]
+        generative = any(score_key(g) == wire.PERPLEXITY for _, g in evaluations)
+        for col in ("round", "perplexity", "loss (per token)") if generative else ("round", "accuracy", "macro-F1", "loss"):
+            table.add_column(col, justify="right")
+        for r, g in evaluations:
+            if generative and wire.PERPLEXITY in g:
+                table.add_row(str(r), f"{g[wire.PERPLEXITY]:.3f}", f"{g[wire.LOSS]:.4f}")
+            elif wire.ACCURACY in g:
+                table.add_row(str(r), f"{g[wire.ACCURACY]:.4f}", f"{g[wire.MACRO_F1]:.4f}", f"{g[wire.LOSS]:.4f}")
         clients = Table(title="clients: privacy spent (sample-level DP-SGD; details in privacy.json)")
         clients.add_column("client", justify="right", no_wrap=True)
         for col in ("epsilon", "delta", "budget", "acct", "z", "C", "rounds", "declined"):
@@ -238,6 +257,12 @@ class RunRecorder:
                 ", ".join(map(str, c["rounds_declined"])) or "-",
             )
         self.console.print(table)
+        if results.get("train_tokens_per_second"):
+            self.console.print(f"training throughput: {results['train_tokens_per_second']:.0f} tokens/s of client compute")
+        for sample in results.get("samples", []):
+            self.console.print(
+                f"[bold]sample[/] {escape(sample['prompt'])!r} -> {escape(sample['completion'])!r}", highlight=False
+            )
         self.console.print(clients)
         if results["faults"]:
             faults = Table(title="faults: kept out of aggregation")
@@ -298,20 +323,24 @@ def privacy_report(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot_metrics(rounds: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy and loss of the global model per round (central and federated evaluation)."""
+    """Accuracy (a causal LM: perplexity) and loss of the global model per round (central and federated evaluation)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    score = next(
+        (k for r in rounds for e in (r.get("global", {}), r.get("federated_evaluation", {})) if (k := score_key(e))),
+        wire.ACCURACY,
+    )
     for key, label in (("global", "held-out (central)"), ("federated_evaluation", "clients' local splits")):
-        pts = [(r["round"], r[key]) for r in rounds if r.get(key, {}).get(wire.ACCURACY) is not None]
+        pts = [(r["round"], r[key]) for r in rounds if r.get(key, {}).get(score) is not None]
         if pts:
-            ax_acc.plot([p[0] for p in pts], [p[1][wire.ACCURACY] for p in pts], marker="o", label=label)
+            ax_acc.plot([p[0] for p in pts], [p[1][score] for p in pts], marker="o", label=label)
             ax_loss.plot([p[0] for p in pts], [p[1][wire.LOSS] for p in pts], marker="o", label=label)
-    for ax, name in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+    for ax, name in ((ax_acc, score), (ax_loss, "loss")):
         ax.set_xlabel("round")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    ax_acc.set_title("global model accuracy")
+    ax_acc.set_title(f"global model {score}")
     ax_loss.set_title("global model loss")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

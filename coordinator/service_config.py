@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.client.config import ConfigError, ModelSpec, TrainSpec
+from fedtune.client.model_source import ModelError, check_model
 from fedtune.client.settings import (
     RUN,
     SERVICE,
@@ -50,8 +51,16 @@ class _Methods:
 
     def __post_init__(self) -> None:
         s: Any = self
+        try:
+            causal_lm = check_model(ModelSpec(**from_flat(ModelSpec, self.settings(), RUN))).causal_lm
+        except (ConfigError, ModelError) as err:
+            raise CoordinatorConfigError(str(err)) from None
         checks = [
-            (len(s.labels) >= 2, f"labels: need at least two label names, got {list(s.labels)}"),
+            (
+                causal_lm or len(s.labels) >= 2,
+                f'labels: a classifier needs two or more label names (labels = ["negative", "positive"]), got {list(s.labels)}',
+            ),
+            (not causal_lm or not s.labels, f"labels: a causal LM ({s.model}) has none, got {list(s.labels)}"),
             (1 <= s.port <= 65535, f"port must be in 1..65535, got {s.port}"),
             (
                 s.wait_for_clients == 0 or s.wait_for_clients >= s.min_clients,
@@ -133,8 +142,7 @@ def read_service_config(path: Path, overrides: dict[str, Any] | None = None) -> 
     data = load_toml(path, CoordinatorConfigError, "create it with `fedtune-coordinator init`")
     data |= overrides or {}
     check_keys(data, ServiceConfig, str(path), CoordinatorConfigError)
-    if "labels" not in data:
-        raise CoordinatorConfigError(f'{path}: labels is required, e.g. labels = ["negative", "positive"]')
+    data.setdefault("labels", [])  # a causal LM's run has none; a classifier's is refused without them
     try:
         values = from_flat(ServiceConfig, data)
     except ConfigError as err:

@@ -48,9 +48,22 @@ def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> Metri
 
 
 def aggregate_evaluate_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Pool the clients' confusion matrices, so accuracy and macro-F1 are those of all local examples."""
-    # Pooled over examples whatever weight aggregation uses (clients weigh the same in training).
-    metrics = [r[wire.METRICS] for r in replies if r[wire.METRICS][wire.NUM_EXAMPLES] > 0 and wire.CONFUSION in r[wire.METRICS]]
+    """Pool the clients' confusion matrices, so accuracy and macro-F1 are those of all local examples; a causal
+    LM's per-token losses, so perplexity is that of all local tokens."""
+    # Pooled over examples (tokens) whatever weight aggregation uses (clients weigh the same in training).
+    scored = [r[wire.METRICS] for r in replies if r[wire.METRICS][wire.NUM_EXAMPLES] > 0]
+    if lm := [m for m in scored if wire.TOKENS in m and m[wire.TOKENS] > 0]:
+        tokens = sum(int(m[wire.TOKENS]) for m in lm)
+        loss = sum(m[wire.LOSS] * m[wire.TOKENS] for m in lm) / tokens
+        return MetricRecord(
+            {
+                wire.LOSS: float(loss),
+                wire.PERPLEXITY: float(np.exp(min(loss, 700.0))),
+                wire.TOKENS: tokens,
+                wire.NUM_EXAMPLES: int(sum(m[wire.NUM_EXAMPLES] for m in lm)),
+            }
+        )
+    metrics = [m for m in scored if wire.CONFUSION in m]
     if not metrics:
         return MetricRecord({})
     k = int(round(len(metrics[0][wire.CONFUSION]) ** 0.5))

@@ -22,11 +22,11 @@ class LedgerError(RuntimeError):
     """The ledger file cannot be read or written; the message says which and why."""
 
 
-def fingerprint_rows(rows: Iterable[tuple[str, object]]) -> str:
-    """A content hash of a dataset (text and label of every row, in order): the ledger's key for it."""
+def fingerprint_rows(rows: Iterable[tuple[object, ...]]) -> str:
+    """A content hash of a dataset (every row's fields, e.g. text and label, in order): the ledger's key for it."""
     digest = hashlib.sha256()
-    for text, label in rows:
-        digest.update(json.dumps([text, str(label)], ensure_ascii=False).encode("utf-8"))
+    for row in rows:
+        digest.update(json.dumps([str(v) for v in row], ensure_ascii=False).encode("utf-8"))
         digest.update(b"\n")
     return "sha256:" + digest.hexdigest()
 

@@ -89,9 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     from fedtune.client import wire  # here, as the engine's own imports: `--help` stays quick
 
     final = results.get("final", {})
+    if results.get("baseline") is None:  # a causal LM: against the pretrained model (round 0)
+        before = results["rounds"][0].get("global", {}) if results["rounds"] else {}
+        score = (
+            f"perplexity {final.get(wire.PERPLEXITY, float('nan')):.3f} "
+            f"(pretrained {before.get(wire.PERPLEXITY, float('nan')):.3f})"
+        )
+    else:
+        score = f"accuracy {final.get(wire.ACCURACY, float('nan')):.4f} (majority baseline {results['baseline']['accuracy']:.4f})"
     console.print(
-        f"done in {results['wall_seconds']:.0f}s: accuracy {final.get(wire.ACCURACY, float('nan')):.4f} "
-        f"(majority baseline {results['baseline']['accuracy']:.4f}); results in {cfg.run_dir()}/results.json, "
+        f"done in {results['wall_seconds']:.0f}s: {score}; results in {cfg.run_dir()}/results.json, "
         f"plots in {cfg.run_dir()}/plots, model in {cfg.run_dir()}/{results['model_dir']}"
     )
     return 0

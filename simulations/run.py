@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -24,6 +25,7 @@ from fedtune.client.app import make_client_app
 from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
 from fedtune.client.evaluate import evaluate
 from fedtune.client.model import load_tokenizer
+from fedtune.client.model_source import check_model
 from fedtune.client.train import encode
 from fedtune.coordinator.app import make_server_app, resume_settings
 from fedtune.coordinator.checkpoint import CheckpointError, check_settings, load_checkpoint
@@ -117,6 +119,21 @@ def _check_loopback() -> None:
         )
 
 
+def majority_baseline(held_out: datasets.Dataset, labels: tuple[str, ...]) -> dict[str, Any]:
+    """What always answering the most common held-out label scores: the accuracy a classifier must beat."""
+    majority, count = Counter(held_out["label"]).most_common(1)[0]
+    return {"majority_class": labels[majority], "accuracy": count / len(held_out)}
+
+
+def sample_prompts(held_out: datasets.Dataset, count: int = 3) -> tuple[str, ...]:
+    """Fixed prompts for a causal LM's sample generations: the first held-out rows' prompts, or their texts'
+    first line (at most 8 words), which the model continues."""
+    rows = held_out.select(range(min(count, held_out.num_rows)))
+    if "prompt" in rows.column_names:
+        return tuple(rows["prompt"])
+    return tuple(" ".join(text.strip().splitlines()[0].split()[:8]) for text in rows["text"])
+
+
 def simulate(
     cfg: SimulationConfig, console: Console | None = None, client_mods: Sequence[Mod] = (), resume: bool = False
 ) -> dict[str, Any]:
@@ -134,7 +151,9 @@ def simulate(
 
     console = console or Console(stderr=True)
     _quiet_libraries(cfg.verbose)
-    data_fn = PartitionData(role(DataSpec, cfg))  # loads here once; Ray's workers get the loaded copy
+    cfg = dataclasses.replace(cfg, task=check_model(role(ModelSpec, cfg)).task)  # "auto" settled once, for every party
+    causal_lm = role(ModelSpec, cfg).causal_lm
+    data_fn = PartitionData(role(DataSpec, cfg), causal_lm)  # loads here once; Ray's workers get the loaded copy
     pool, held_out, labels = data_fn.split()  # fails here, before any worker starts, on bad data
     sizes = data_fn.sizes()
     ccfg = client_config(cfg, labels)
@@ -148,8 +167,6 @@ def simulate(
         console.print(Panel(DP_OFF_WARNING, title="WARNING", style="bold red"))
     tokenizer = load_tokenizer(cfg.model)
     held_encoded = encode(held_out, tokenizer, cfg.max_length)
-    counts = Counter(held_out["label"])
-    majority, majority_count = counts.most_common(1)[0]
     metadata = {
         "config": cfg.to_json(),
         "privacy": {
@@ -168,18 +185,31 @@ def simulate(
             "pool_examples": len(pool),
             "held_out_examples": len(held_out),
             "held_out_source": cfg.test_dataset or f"{cfg.test_fraction:g} of the dataset, stratified",
-            "partitioning": cfg.partitioning,
+            "partitioning": role(DataSpec, cfg).partitioning_for(causal_lm),
             "partition_sizes": sizes,
         },
-        "baseline": {"majority_class": labels[majority], "accuracy": majority_count / len(held_out)},
+        "baseline": None if causal_lm else majority_baseline(held_out, labels),
     }
+    if causal_lm:
+        metadata["privacy"]["unit"] = "one row (a text, or a prompt and its response), never split"
     console.print(
-        f"fedtune: {cfg.num_clients} clients x {cfg.num_rounds} rounds, {cfg.partitioning} split "
-        f"({min(sizes)}-{max(sizes)} examples each), model {cfg.model} ({'LoRA' if cfg.lora else 'full'}), "
+        f"fedtune: {cfg.num_clients} clients x {cfg.num_rounds} rounds, {metadata['data']['partitioning']} split "
+        f"({min(sizes)}-{max(sizes)} examples each), model {cfg.model} ({'causal LM, ' if causal_lm else ''}"
+        f"{'LoRA' if cfg.lora else 'full'}), "
         + (f"DP-SGD epsilon {cfg.epsilon} delta {cfg.delta} ({cfg.accountant})" if cfg.dp else "[bold red]no DP[/]")
         + f" -> {out_dir}"
     )
-    coord = role(CoordinatorConfig, cfg, labels=labels, out_dir=out_dir, model=ccfg.model, resume=resume, metadata=metadata)
+    coord = role(
+        CoordinatorConfig,
+        cfg,
+        labels=labels,
+        out_dir=out_dir,
+        model=ccfg.model,
+        resume=resume,
+        metadata=metadata,
+        sample_prompts=sample_prompts(held_out) if causal_lm else (),
+        sample_chat="prompt" in held_out.column_names,
+    )
     if resume:  # fail here, before any worker starts, when the run cannot continue
         ckpt = load_checkpoint(out_dir)
         check_settings(ckpt.settings, resume_settings(coord))

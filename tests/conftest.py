@@ -66,3 +66,54 @@ def write_csv(tmp_path: Path):
         return path
 
     return _write
+
+
+# A tiny chat template, so that instruction rows render as they do for a chat model (SmolLM2's has the same shape).
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with hidden size 32 (random weights), saved like a pretrained causal LM, with the bundled
+    WordPiece tokenizer and a chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fedtune.client.model_source import resolve_model
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # as a causal LM's tokenizer: no token type ids
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_instructions(path: Path, n: int, secret: str = "") -> Path:
+    """`n` prompt/response rows (JSONL, columns q and a) a small model learns quickly."""
+    import json
+
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            a, b = i % 7, (i * 3) % 5
+            f.write(json.dumps({"q": f"what is {a} plus {b} {secret}", "a": f"{a} plus {b} is {a + b}"}) + "\n")
+    return path

@@ -109,7 +109,11 @@ def _replace(path: Path, old: str, new: str) -> None:
     [
         ("config not TOML", lambda c: (c / "coordinator.toml").write_text("labels = [\n"), "not valid TOML"),
         ("config unknown setting", lambda c: (c / "coordinator.toml").open("a").write("roundz = 3\n"), "roundz"),
-        ("config without labels", lambda c: (c / "coordinator.toml").write_text("num_rounds = 2\n"), "labels is required"),
+        (
+            "config without labels",
+            lambda c: (c / "coordinator.toml").write_text("num_rounds = 2\n"),
+            "a classifier needs two or more label names",
+        ),
         (
             "config lr schedule",
             lambda c: _replace(c / "coordinator.toml", 'lr_schedule = "constant"', 'lr_schedule = "step"'),

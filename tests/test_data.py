@@ -10,9 +10,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedtune.client.data import DataError, load_examples
+from fedtune.client.config import ColumnSpec
+from fedtune.client.data import DataError, load_data
 
 LABELS = ("negative", "positive")
+
+
+def load_examples(path, labels, text_column: str = "text", label_column: str = "label"):
+    return load_data(path, ColumnSpec(text_column, label_column), labels)
 
 
 def test_loads_csv_tsv_jsonl_parquet_with_label_names_and_ids(tmp_path: Path, write_csv) -> None:

@@ -32,6 +32,7 @@ OTHER: dict[str, Any] = {
     "lr_schedule": "cosine",
     "update_encoding": "int8",
     "partitioning": "iid",
+    "task": "classification",
     "device": "cpu",
     "model": "my-model-dir",
     "wait_for_clients": 3,  # >= min_clients
