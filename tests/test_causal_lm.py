@@ -205,6 +205,33 @@ def test_a_rows_loss_does_not_depend_on_the_other_rows(tiny_lm) -> None:
     assert float(_loss(model, both, cpu, None, [], True)) == pytest.approx(sum(singles) / 2, rel=1e-5)
 
 
+def test_an_empty_poisson_batch_takes_the_noise_only_step(tiny_lm) -> None:
+    """Poisson sampling draws empty batches (Llama cannot run one): the step still adds noise and is accounted."""
+    import copy
+
+    from fedtune.client.train import _step, make_loader
+    from fedtune.privacy import make_private
+
+    model, tokenizer = tiny_lm
+    model = copy.deepcopy(model)
+    data, batch = _batch(tokenizer, ROWS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    runner, optimizer, _, engine, _ = make_private(
+        model,
+        torch.optim.SGD(params, lr=1.0),
+        make_loader(data, tokenizer, 2, shuffle=True),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        history=[],
+    )
+    empty = {k: v[:0] for k, v in batch.items()}
+    assert _step(runner, optimizer, [empty], True, torch.device("cpu"), None, params, 1.0, True) == (0.0, 0)
+    assert all(not torch.equal(a, b) for a, b in zip(before, params))  # noise on every adapter
+    assert len(engine.accountant.history) == 1
+    runner.cleanup()
+
+
 def test_a_long_row_keeps_its_response_and_stays_one_example(tiny_lm) -> None:
     from fedtune.client.causal_lm import IGNORE, encode_instructions
 
