@@ -78,6 +78,7 @@ def check_budget(
     reservation = ledger.reserve(
         data.fingerprint,
         plan.as_history(),
+        also=data.older_fingerprints,
         budget=budget,
         delta=cfg.privacy.delta,
         accountant=cfg.privacy.accountant,
@@ -137,7 +138,7 @@ def handle_train(
     path = context.node_config.get("ledger") or ledger_path
     ledger = Ledger(str(path)) if path and cfg.privacy.enabled else None
     # With a ledger, privacy composes over every run ever made on this data; without, over this run.
-    history = ledger.history(data.fingerprint) if ledger is not None else load_history(context)
+    history = ledger.history(data.fingerprint, also=data.older_fingerprints) if ledger is not None else load_history(context)
     budget = None
     if cfg.privacy.enabled:
         limit = budgets.get(cid, cfg.privacy.budget)
@@ -176,8 +177,10 @@ def handle_train(
         {name: w.numpy() for name, w in weights.items()}, task.weights, task.update_encoding, seed=cid * 1_009 + task.server_round
     )
     # train-seconds: local compute of the round (DP wiring included), for the coordinator's efficiency figures.
-    tokens = outcome.tokens if cfg.model.causal_lm else None
-    reply = wire.TrainReply(cid, False, len(data.train), outcome.mean_loss, seconds, report, update, tokens)
+    if cfg.model.causal_lm:
+        # Throughput stays here: how many tokens the sampled rows held is a statistic of the data DP-SGD does not cover.
+        log.info("client %s round %s: %.0f tokens/s", cid, task.server_round, outcome.tokens / max(seconds, 1e-9))
+    reply = wire.TrainReply(cid, False, len(data.train), outcome.mean_loss, seconds, report, update)
     return reply.to_message(reply_to=msg)
 
 

@@ -41,15 +41,17 @@ def _ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]
 def encode_instructions(prompts: list[str], responses: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
     """Prompt and response tokens of each row, labelled so that only the response is scored.
 
-    A row longer than `max_length` loses the start of its prompt first, down to half the length, then the end
-    of its response: the row still teaches a response, and it stays one row (one example, one unit of privacy).
+    A row longer than `max_length` loses the middle of its prompt first (the template's header and the end of the
+    prompt stay), down to half the length, then the end of its response: the row still teaches a response, and
+    it stays one row (one example, one unit of privacy).
     """
     heads = _ids(tokenizer, [render_prompt(tokenizer, p) for p in prompts])
     tails = _ids(tokenizer, [_response_text(tokenizer, p, r) for p, r in zip(prompts, responses)])
     rows = []
     for head, tail in zip(heads, tails):
         keep_tail = min(len(tail), max(max_length - len(head), max_length // 2))
-        head = head[len(head) - (max_length - keep_tail) :] if len(head) > max_length - keep_tail else head
+        if len(head) > (room := max_length - keep_tail):
+            head = head[: room // 2] + head[len(head) - (room - room // 2) :]
         tail = tail[:keep_tail]
         rows.append(
             {"input_ids": head + tail, "attention_mask": [1] * (len(head) + len(tail)), "labels": [IGNORE] * len(head) + tail}
@@ -62,7 +64,7 @@ def encode_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_lengt
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows = []
     for ids in tokenizer(texts)["input_ids"] if texts else []:
-        ids = (ids + eos)[:max_length]
+        ids = (ids + eos if ids[-1:] != eos else ids)[:max_length]  # some tokenizers end every text with it already
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
     return rows
 
@@ -75,8 +77,9 @@ def encode_lm(examples: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, ma
 
 
 def _bf16(device: torch.device):
-    """bf16 autocast for scoring and generating on a GPU that has it (half the memory traffic); fp32 elsewhere.
-    Training stays fp32: Opacus clips per-row gradients, which bf16's 8-bit mantissa would blur."""
+    """bf16 autocast for generating on a GPU that has it (half the memory traffic); fp32 elsewhere. Training and
+    scoring stay fp32: Opacus clips per-row gradients, which bf16's 8-bit mantissa would blur, and a perplexity
+    must not depend on the device that computed it."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())
 
 
@@ -112,9 +115,7 @@ def evaluate_lm(
     nll, tokens, began = 0.0, 0, time.perf_counter()
     for batch in make_loader([data[i] for i in order], tokenizer, batch_size, shuffle=False):
         labels = batch.pop("labels").to(device)
-        with _bf16(device):
-            logits = forward(model, batch, device).logits
-        summed, counts = token_losses(logits, labels)  # in fp32
+        summed, counts = token_losses(forward(model, batch, device).logits, labels)
         nll, tokens = nll + float(summed.sum()), tokens + int(counts.sum())
     loss = nll / max(tokens, 1)
     return {

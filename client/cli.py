@@ -123,9 +123,9 @@ def start(args: argparse.Namespace, console: Console) -> int:
 
     from fedtune.client.config import node_config
     from fedtune.client.data import read_table, table_examples
-    from fedtune.client.local_data import example_rows
+    from fedtune.client.local_data import ledger_keys
     from fedtune.client.supernode import NodeSettings, check_files, run_supernode
-    from fedtune.privacy.ledger import Ledger, fingerprint_rows
+    from fedtune.privacy.ledger import Ledger
 
     if args.ca is None and not args.insecure:
         raise ValueError("--ca is required (the coordinator's ca.pem); only --insecure runs without it")
@@ -149,8 +149,8 @@ def start(args: argparse.Namespace, console: Console) -> int:
     )
     fingerprint = check_files(settings)
     ledger = Ledger(settings.node_config["ledger"])
-    data_key = fingerprint_rows(example_rows(examples, found))
-    spent = ledger.spent(data_key, privacy.delta, privacy.accountant) if privacy.enabled else 0.0
+    data_key, older_keys = ledger_keys(examples, found)
+    spent = ledger.spent(data_key, privacy.delta, privacy.accountant, also=older_keys) if privacy.enabled else 0.0
     if privacy.enabled and spent > 0:
         console.print(f"fedtune-client: the ledger says epsilon {spent:.3f} of {privacy.budget:g} is already spent on this data")
     if not privacy.enabled:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ class LocalData:
     train: Encoded
     held: Encoded
     fingerprint: str
+    older_fingerprints: tuple[str, ...] = ()  # the same rows' keys in ledgers an earlier fedtune wrote
 
 
 def prepare(cfg: ClientConfig, data_fn: DataFn, node_config: dict[str, Any]) -> LocalData:
@@ -38,16 +39,23 @@ def prepare(cfg: ClientConfig, data_fn: DataFn, node_config: dict[str, Any]) -> 
         train, held = split["train"], split["test"]
     else:
         train, held = examples, examples.select([])
-    fingerprint = fingerprint_rows(example_rows(examples, cfg.labels))
-    return LocalData(encode(train, tokenizer, cfg.model.max_length), encode(held, tokenizer, cfg.model.max_length), fingerprint)
+    fingerprint, older = ledger_keys(examples, cfg.labels)
+    train_rows, held_rows = encode(train, tokenizer, cfg.model.max_length), encode(held, tokenizer, cfg.model.max_length)
+    return LocalData(train_rows, held_rows, fingerprint, older)
 
 
-def example_rows(examples: datasets.Dataset, labels: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
-    """Each example as the ledger keys it: a classifier's text and label *name* (the same file gives the same key
-    whatever id order a run uses), a causal LM's text or prompt and response."""
-    if "label" in examples.column_names:
-        return ((t, labels[y]) for t, y in zip(examples["text"], examples["label"]))
-    return zip(*(examples[c] for c in examples.column_names))
+def ledger_keys(examples: datasets.Dataset, labels: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The ledger's key for these rows, and their older keys.
+
+    The key is the rows' text alone (a causal LM's prompt and response), so a classifier and a causal LM trained
+    on the same texts spend from one budget. Ledgers written before causal LMs keyed a classifier's rows by text
+    and label *name*; that key is read too.
+    """
+    texts = ["prompt", "response"] if "prompt" in examples.column_names else ["text"]
+    key = fingerprint_rows(zip(*(examples[c] for c in texts)))
+    if "label" not in examples.column_names:
+        return key, ()
+    return key, (fingerprint_rows((t, labels[y]) for t, y in zip(examples["text"], examples["label"])),)
 
 
 class LocalDataCache:

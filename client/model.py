@@ -178,7 +178,7 @@ class ModelStore:
 def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     tokenizer = _from_pretrained(AutoTokenizer, name)
     if tokenizer.pad_token is None:  # many causal LMs have none; padded positions are masked and never scored
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     tokenizer.padding_side = "right"  # training and scoring pad on the right; generation sets left itself
     return tokenizer
 

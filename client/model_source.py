@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -10,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from fedtune.client.config import BUNDLED_LM, CAUSAL_LM, CLASSIFICATION, DEFAULT_MODEL, ModelSpec
@@ -65,7 +67,23 @@ def converted_gguf(gguf: Path) -> Path:
     out = cache_dir() / "gguf" / f"{gguf.stem}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}"
     if (out / "config.json").is_file():
         return out
+    try:
+        return _convert(gguf, out)
+    except OSError as err:
+        raise ModelError(
+            f"cannot write the converted model to {out.parent} ({err.strerror or err}); set FEDTUNE_CACHE to a writable folder"
+        ) from None
+
+
+def _convert(gguf: Path, out: Path) -> Path:
+    """Dequantise `gguf` into a temporary folder beside `out`, then rename it to `out` (whole or not at all)."""
+    import transformers
+
     out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for stale in out.parent.glob(".converting-*"):  # left by a process killed mid-conversion (540 MB each)
+        with contextlib.suppress(OSError):  # another process may be removing it too
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=".converting-", dir=out.parent))
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,6 +104,8 @@ def converted_gguf(gguf: Path) -> Path:
         model.load_state_dict(loaded.state_dict())
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
+        if out.exists() and not (out / "config.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # an incomplete folder of an older fedtune: convert anew
         try:
             os.replace(work, out)  # all or nothing; another process may have finished first
         except OSError:
@@ -116,9 +136,10 @@ def _config(source: str) -> dict:
     """A checkpoint's config.json; {} when it has none or it is unreadable (loading it will say why)."""
     path = checkpoint_file(source, "config.json")
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path else {}
-    except ValueError:
+        config = json.loads(path.read_text(encoding="utf-8")) if path else {}
+    except (ValueError, OSError):
         return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _is_causal(config: dict) -> bool:

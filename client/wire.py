@@ -29,7 +29,7 @@ WEIGHT_NAMES, WEIGHT_DIMS, WEIGHT_RANKS, WEIGHT_DTYPES = "weight-names", "weight
 
 # Metric keys of the replies.
 CLIENT_ID, NUM_EXAMPLES, WEIGHT, DECLINED, DP = "client-id", "num-examples", "unit-weight", "declined", "dp"
-TRAIN_LOSS, TRAIN_SECONDS, TRAIN_TOKENS = "train-loss", "train-seconds", "train-tokens"
+TRAIN_LOSS, TRAIN_SECONDS = "train-loss", "train-seconds"
 EPSILON, DELTA, BUDGET_EPSILON, STEPS = "epsilon", "delta", "budget-epsilon", "steps"
 NOISE, RATE = "noise-multiplier", "sample-rate"  # this round's plan
 ACCOUNTANT, MAX_GRAD_NORM, LEDGER = "accountant", "max-grad-norm", "ledger"  # accountant: its index in ACCOUNTANTS
@@ -62,6 +62,8 @@ class Metric:
 
 
 FLAG, COUNT, AMOUNT, SHARE = Metric(int, 0, 1), Metric(int, 0, MAX_ID), Metric(float), Metric(float, 0.0, 1.0)
+# A loss (per example, or per token) beyond 1e4 is no model's: a client claiming 1e308 would overflow pooled figures.
+LOSS_VALUE = Metric(float, 0.0, 1e4)
 SHARES = Metric(float, 0.0, 1.0, many=True)
 
 COMMON = {CLIENT_ID: COUNT, NUM_EXAMPLES: COUNT, WEIGHT: Metric(int, 1, 1)}  # every client weighs the same
@@ -80,11 +82,9 @@ PRIVACY: dict[str, Metric] = {
     HISTORY[1]: SHARES,
     HISTORY[2]: Metric(int, 0, MAX_ID, many=True),
 }
-TRAIN: dict[str, Metric] = (
-    COMMON | {DECLINED: FLAG, DP: FLAG, TRAIN_LOSS: AMOUNT, TRAIN_SECONDS: AMOUNT, TRAIN_TOKENS: COUNT} | PRIVACY
-)
+TRAIN: dict[str, Metric] = COMMON | {DECLINED: FLAG, DP: FLAG, TRAIN_LOSS: LOSS_VALUE, TRAIN_SECONDS: AMOUNT} | PRIVACY
 EVALUATE: dict[str, Metric] = COMMON | {
-    LOSS: AMOUNT,
+    LOSS: LOSS_VALUE,
     ACCURACY: SHARE,
     MACRO_F1: SHARE,
     PRECISION: SHARES,
@@ -362,7 +362,6 @@ class TrainReply:
     train_seconds: float | None = None  # local compute of the round (DP wiring included)
     privacy: PrivacyReport | None = None  # None: trained WITHOUT differential privacy
     update: Update | None = None  # required unless declined
-    train_tokens: int | None = None  # a causal LM's tokens trained on in the round (its throughput figure)
 
     def metrics(self) -> dict[str, Any]:
         """The metrics as they travel (and as results.json records them)."""
@@ -377,8 +376,6 @@ class TrainReply:
             out[TRAIN_LOSS] = float(self.train_loss)
         if self.train_seconds is not None:
             out[TRAIN_SECONDS] = float(self.train_seconds)
-        if self.train_tokens is not None:
-            out[TRAIN_TOKENS] = int(self.train_tokens)
         return out | (self.privacy.to_metrics() if self.privacy is not None else {})
 
     def to_content(self) -> RecordDict:
@@ -407,7 +404,6 @@ class TrainReply:
             train_seconds=float(metrics[TRAIN_SECONDS]) if TRAIN_SECONDS in metrics else None,
             privacy=PrivacyReport.from_metrics(metrics) if metrics[DP] else None,
             update=update,
-            train_tokens=int(metrics[TRAIN_TOKENS]) if TRAIN_TOKENS in metrics else None,
         )
 
     @classmethod
@@ -465,6 +461,8 @@ class EvaluateReply:
         if generative:
             if m[NUM_EXAMPLES] > 0:
                 _check_missing(m, (LOSS, TOKENS))
+                if m[TOKENS] < 1:
+                    raise WireError(f"{m[NUM_EXAMPLES]} rows scored, but no token")
             if extra := sorted(k for k in (ACCURACY, MACRO_F1, PRECISION, RECALL, CONFUSION) if k in m):
                 raise WireError(f"a causal LM's evaluation has no {extra}")
         elif TOKENS in m:

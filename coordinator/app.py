@@ -104,6 +104,7 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
             cfg.max_update_norm,
             client_of=lambda node: partitions.get(node, wire.node_client_id(node)),
             num_labels=0 if cfg.model.causal_lm else len(cfg.labels),
+            max_length=cfg.model.max_length,
         )
         if ckpt is not None:
             restore_strategy_state(strategy, ckpt.strategy_state)
@@ -131,7 +132,7 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
     load_trainable_state(model, arrays.to_torch_state_dict())
     extra: dict[str, Any] = {}
     if cfg.sample_prompts:  # before export, which merges the adapters into the model
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = next(model.parameters()).device  # where the central evaluation ran it (the run's --device)
         tokenizer = load_tokenizer(cfg.model.name)
         extra["samples"] = generate_samples(model, tokenizer, cfg.sample_prompts, device, chat=cfg.sample_chat)
     model_dir = export_model(model.cpu(), load_tokenizer(cfg.model.name), cfg.out_dir / "model")

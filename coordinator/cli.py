@@ -115,6 +115,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         for fingerprint in service.registered(cfg):
             print(fingerprint)
     else:
+        cfg.check_model()
         if cfg.insecure:
             console.print(Panel(service.INSECURE_WARNING, title="WARNING", style="bold red"))
         echo = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731

@@ -56,13 +56,22 @@ def accept_train(
     return reply, weights
 
 
-def accept_evaluate(msg: Message, client_id: int, num_labels: int | None) -> wire.EvaluateReply:
+def accept_evaluate(
+    msg: Message, client_id: int, num_labels: int | None, max_tokens_per_example: int | None = None
+) -> wire.EvaluateReply:
+    """The decoded evaluation; Rejected when malformed, or when a causal LM's reply claims more scored tokens than
+    its rows can hold (`max_tokens_per_example`: the run's max length), which would outweigh every honest client."""
     try:
-        return wire.EvaluateReply.from_message(msg, client_id, num_labels)
+        reply = wire.EvaluateReply.from_message(msg, client_id, num_labels)
     except wire.WireError as err:
         raise Rejected(f"reply rejected: {err}") from None
     except Exception as err:  # as for training: the sender's fault, never a crash
         raise Rejected(f"reply rejected: undecodable ({type(err).__name__})") from None
+    if max_tokens_per_example and reply.tokens is not None and reply.tokens > reply.num_examples * max_tokens_per_example:
+        raise Rejected(
+            f"reply rejected: {reply.tokens} tokens scored in {reply.num_examples} rows of at most {max_tokens_per_example}"
+        )
+    return reply
 
 
 def for_aggregation(msg: Message, reply: wire.TrainReply, weights: Tensors) -> Message:

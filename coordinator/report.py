@@ -38,16 +38,14 @@ def _record(metrics: Any) -> dict[str, Any]:
     return {k: _plain(v) for k, v in dict(metrics or {}).items()}
 
 
+def _shown(value: float | None, spec: str) -> str:
+    """A recorded number as the summary shows it; "-" where none was recorded (or it was not finite)."""
+    return "-" if value is None else format(value, spec)
+
+
 def score_key(metrics: dict[str, Any]) -> str | None:
     """The headline score of an evaluation: a classifier's accuracy or a causal LM's perplexity."""
     return next((k for k in (wire.ACCURACY, wire.PERPLEXITY) if metrics.get(k) is not None), None)
-
-
-def train_throughput(rounds: list[dict[str, Any]]) -> float | None:
-    """A causal LM's training tokens per second of clients' local compute, over the whole run (DP wiring included)."""
-    reports = [wire.TrainReply.from_metrics(c) for r in rounds for c in r.get("clients", {}).values()]
-    timed = [(r.train_tokens, r.train_seconds) for r in reports if r.train_tokens is not None and r.train_seconds]
-    return sum(t for t, _ in timed) / sum(s for _, s in timed) if timed else None
 
 
 REJECTED = {"train": "rejected", "evaluate": "rejected_evaluate"}  # phase -> a round's entry of rejected replies
@@ -214,8 +212,6 @@ class RunRecorder:
             "wall_seconds": round(time.time() - self.started, 2),
             **extra,
         }
-        if (throughput := train_throughput(rounds)) is not None:
-            results["train_tokens_per_second"] = throughput
         write_json(self.out_dir / "results.json", results)
         write_json(self.out_dir / "privacy.json", privacy_report(results))
         plot_metrics(rounds, self.out_dir / "plots" / "metrics.png")
@@ -236,9 +232,9 @@ class RunRecorder:
             table.add_column(col, justify="right")
         for r, g in evaluations:
             if generative and wire.PERPLEXITY in g:
-                table.add_row(str(r), f"{g[wire.PERPLEXITY]:.3f}", f"{g[wire.LOSS]:.4f}")
+                table.add_row(str(r), _shown(g[wire.PERPLEXITY], ".3f"), _shown(g.get(wire.LOSS), ".4f"))
             elif wire.ACCURACY in g:
-                table.add_row(str(r), f"{g[wire.ACCURACY]:.4f}", f"{g[wire.MACRO_F1]:.4f}", f"{g[wire.LOSS]:.4f}")
+                table.add_row(str(r), *(_shown(g.get(k), ".4f") for k in (wire.ACCURACY, wire.MACRO_F1, wire.LOSS)))
         clients = Table(title="clients: privacy spent (sample-level DP-SGD; details in privacy.json)")
         clients.add_column("client", justify="right", no_wrap=True)
         for col in ("epsilon", "delta", "budget", "acct", "z", "C", "rounds", "declined"):
@@ -257,8 +253,6 @@ class RunRecorder:
                 ", ".join(map(str, c["rounds_declined"])) or "-",
             )
         self.console.print(table)
-        if results.get("train_tokens_per_second"):
-            self.console.print(f"training throughput: {results['train_tokens_per_second']:.0f} tokens/s of client compute")
         for sample in results.get("samples", []):
             self.console.print(
                 f"[bold]sample[/] {escape(sample['prompt'])!r} -> {escape(sample['completion'])!r}", highlight=False

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.client.config import ConfigError, ModelSpec, TrainSpec
-from fedtune.client.model_source import ModelError, check_model
+from fedtune.client.model_source import ModelError, check_model, resolve_task
 from fedtune.client.settings import (
     RUN,
     SERVICE,
@@ -51,9 +51,9 @@ class _Methods:
 
     def __post_init__(self) -> None:
         s: Any = self
-        try:
-            causal_lm = check_model(ModelSpec(**from_flat(ModelSpec, self.settings(), RUN))).causal_lm
-        except (ConfigError, ModelError) as err:
+        try:  # settles "auto" from the checkpoint's config; `start` checks the model itself (check_model)
+            causal_lm = resolve_task(ModelSpec(**from_flat(ModelSpec, self.settings(), RUN))).causal_lm
+        except ConfigError as err:
             raise CoordinatorConfigError(str(err)) from None
         checks = [
             (
@@ -77,6 +77,14 @@ class _Methods:
         except CoordinatorConfigError:
             raise
         except ConfigError as err:
+            raise CoordinatorConfigError(str(err)) from None
+
+    def check_model(self) -> None:
+        """The model suits the run (a causal LM for task causal-lm; rows fit its context), before anyone joins;
+        this converts a GGUF model once, so `start` does it, not every command that reads the file."""
+        try:
+            check_model(ModelSpec(**from_flat(ModelSpec, self.settings(), RUN)))
+        except ModelError as err:
             raise CoordinatorConfigError(str(err)) from None
 
     def settings(self) -> dict[str, Any]:
@@ -109,6 +117,8 @@ class _Methods:
         setting under its Flower key; `resume` continues the run in out_dir from its last checkpoint."""
         s: Any = self
         return to_flower(self, RUN) | {
+            # "auto" resolved here, once: a client resolving it from its own copy of the model could disagree
+            "task": resolve_task(ModelSpec(**from_flat(ModelSpec, self.settings(), RUN))).task,
             "wait-for-clients": self.clients_before_round_1,
             "out-dir": str(out_dir.resolve()),
             "resume": resume,

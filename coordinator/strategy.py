@@ -150,6 +150,7 @@ class CheckedStrategy(Strategy):
         max_update_norm: float = 1e4,
         client_of: Callable[[int], int] = wire.node_client_id,
         num_labels: int | None = None,
+        max_length: int | None = None,
     ) -> None:
         self.inner = inner
         self.sink = sink
@@ -158,6 +159,7 @@ class CheckedStrategy(Strategy):
         # Who sent a reply is its authenticated source node, never what the reply says about itself.
         self.client_of = client_of
         self.num_labels = num_labels
+        self.max_length = max_length  # tokens per row: bounds what a causal LM's evaluation may claim
         self.current: ArrayRecord | None = None  # the global model of the round in progress
         self.encoding = "float32"  # the update encoding the round's task asked for
 
@@ -213,7 +215,7 @@ class CheckedStrategy(Strategy):
                 continue
             cid = self.client_of(msg.metadata.src_node_id)
             try:
-                reply = accept_evaluate(msg, cid, self.num_labels)
+                reply = accept_evaluate(msg, cid, self.num_labels, self.max_length)
             except Rejected as rejected:
                 self.rejections(server_round, "evaluate", cid, str(rejected))
                 continue

@@ -89,13 +89,19 @@ class Ledger:
     def _key(fingerprint: str, unit: str) -> str:
         return f"{fingerprint}|{unit}"
 
-    def history(self, fingerprint: str, unit: str = UNIT) -> History:
-        """Every (noise multiplier, sample rate, steps) ever recorded for this dataset, oldest first."""
-        entry = self.read()["datasets"].get(self._key(fingerprint, unit))
-        return [] if entry is None else [tuple(step[:3]) for step in entry["steps"]]  # type: ignore[misc]
+    def _history(self, data: dict[str, Any], fingerprint: str, unit: str, also: tuple[str, ...]) -> History:
+        # `also`: older keys of the same rows (an earlier fedtune keyed a classifier's rows by text and label);
+        # each round was written under one key only, so adding them up counts every round once.
+        entries = [data["datasets"].get(self._key(k, unit)) for k in (fingerprint, *also)]
+        return [tuple(step[:3]) for e in entries if e for step in e["steps"]]  # type: ignore[misc]
 
-    def spent(self, fingerprint: str, delta: float, accountant: str, unit: str = UNIT) -> float:
-        return epsilon_spent(self.history(fingerprint, unit), delta, accountant)
+    def history(self, fingerprint: str, unit: str = UNIT, also: tuple[str, ...] = ()) -> History:
+        """Every (noise multiplier, sample rate, steps) ever recorded for this dataset (and under `also`, its older
+        keys), oldest first within each key."""
+        return self._history(self.read(), fingerprint, unit, also)
+
+    def spent(self, fingerprint: str, delta: float, accountant: str, unit: str = UNIT, also: tuple[str, ...] = ()) -> float:
+        return epsilon_spent(self.history(fingerprint, unit, also), delta, accountant)
 
     def reserve(
         self,
@@ -108,14 +114,16 @@ class Ledger:
         run_id: str,
         round_id: int,
         unit: str = UNIT,
+        also: tuple[str, ...] = (),
     ) -> Reservation:
-        """Record `steps` for this dataset if the composed epsilon stays within `budget`; else record nothing."""
+        """Record `steps` for this dataset if the composed epsilon (with what its older keys `also` hold) stays
+        within `budget`; else record nothing."""
         with self._locked():
             data = self.read()
+            history = self._history(data, fingerprint, unit, also)
             entry = data["datasets"].setdefault(
                 self._key(fingerprint, unit), {"fingerprint": fingerprint, "unit": unit, "steps": []}
             )
-            history = [tuple(s[:3]) for s in entry["steps"]]
             after = epsilon_spent(history + list(steps), delta, accountant)  # type: ignore[operator]
             if after > budget:
                 return Reservation(False, history, after, budget, delta, accountant)  # type: ignore[arg-type]

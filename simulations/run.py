@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from fedtune.client.app import make_client_app
-from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
+from fedtune.client.config import CAUSAL_LM, ClientConfig, ModelSpec, PrivacySpec, TrainSpec
 from fedtune.client.evaluate import evaluate
 from fedtune.client.model import load_tokenizer
 from fedtune.client.model_source import check_model
@@ -151,7 +151,13 @@ def simulate(
 
     console = console or Console(stderr=True)
     _quiet_libraries(cfg.verbose)
-    cfg = dataclasses.replace(cfg, task=check_model(role(ModelSpec, cfg)).task)  # "auto" settled once, for every party
+    task = check_model(role(ModelSpec, cfg)).task  # "auto" settled once, for every party
+    if cfg.task == "auto" and task == CAUSAL_LM and cfg.labels:
+        raise SimulationConfigError(
+            f"model {cfg.model!r} is a causal language model, but --labels asks for a classifier: add --task "
+            "classification to train one on it, or drop --labels to fine-tune it as a generative model"
+        )
+    cfg = dataclasses.replace(cfg, task=task)
     causal_lm = role(ModelSpec, cfg).causal_lm
     data_fn = PartitionData(role(DataSpec, cfg), causal_lm)  # loads here once; Ray's workers get the loaded copy
     pool, held_out, labels = data_fn.split()  # fails here, before any worker starts, on bad data
@@ -184,7 +190,8 @@ def simulate(
             "dataset": cfg.dataset,
             "pool_examples": len(pool),
             "held_out_examples": len(held_out),
-            "held_out_source": cfg.test_dataset or f"{cfg.test_fraction:g} of the dataset, stratified",
+            "held_out_source": cfg.test_dataset
+            or f"{cfg.test_fraction:g} of the dataset, {'at random' if causal_lm else 'stratified'}",
             "partitioning": role(DataSpec, cfg).partitioning_for(causal_lm),
             "partition_sizes": sizes,
         },

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -13,7 +15,6 @@ from opacus.accountants import RDPAccountant
 from tests.conftest import write_instructions
 from tests.test_simulation import RecordReplies
 
-SECRET = "zq7secretprompt"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
     from fedtune.simulations.run import simulate
 
     base = tmp_path_factory.mktemp("lm")
-    data = write_instructions(base / "qa.jsonl", 150, secret=SECRET)
+    data = write_instructions(base / "qa.jsonl", 150)
     replies = base / "replies"
     replies.mkdir()
     cfg = build_config(
@@ -65,7 +66,6 @@ def test_results_report_perplexity_samples_and_throughput(lm_run) -> None:
     assert pooled["perplexity"] > 1 and pooled["tokens"] > 0  # the clients' local splits, pooled by token
     assert results["baseline"] is None and results["labels"] == []
     assert [s["prompt"] for s in results["samples"]] and all(isinstance(s["completion"], str) for s in results["samples"])
-    assert results["train_tokens_per_second"] > 0
     assert (out / "plots" / "metrics.png").stat().st_size > 1000
 
 
@@ -95,9 +95,8 @@ def test_global_adapters_changed_and_only_adapters_travel(lm_run, tiny_llama_dir
         assert sum(torch.Size(shape).numel() for _, shape in r["arrays"].values()) == adapter_size  # one flat array
         # float32 adapters and the array's header (numpy's, 128 bytes), not the model
         assert 4 * adapter_size <= len(r["array_bytes"]) <= 4 * adapter_size + 256 < base_size
-        assert SECRET.encode() not in r["array_bytes"]
         assert all(isinstance(v, int | float | list) for v in r["metrics"].values())  # numbers only, no text
-        assert r["metrics"]["train-tokens"] > 0
+        assert "train-tokens" not in r["metrics"]  # how many tokens the sampled rows held is not DP-protected
 
 
 def test_every_epsilon_recomputes_independently_and_the_client_over_budget_declines(lm_run) -> None:
@@ -207,8 +206,6 @@ def test_a_rows_loss_does_not_depend_on_the_other_rows(tiny_lm) -> None:
 
 def test_an_empty_poisson_batch_takes_the_noise_only_step(tiny_lm) -> None:
     """Poisson sampling draws empty batches (Llama cannot run one): the step still adds noise and is accounted."""
-    import copy
-
     from fedtune.client.train import _step, make_loader
     from fedtune.privacy import make_private
 
@@ -233,12 +230,130 @@ def test_an_empty_poisson_batch_takes_the_noise_only_step(tiny_lm) -> None:
 
 
 def test_a_long_row_keeps_its_response_and_stays_one_example(tiny_lm) -> None:
-    from fedtune.client.causal_lm import IGNORE, encode_instructions
+    from fedtune.client.causal_lm import IGNORE, encode_instructions, render_prompt
 
     _, tokenizer = tiny_lm
-    rows = encode_instructions(["word " * 200], ["the answer is here"], tokenizer, 32)
-    assert len(rows) == 1 and len(rows[0]["input_ids"]) == 32
-    assert sum(label != IGNORE for label in rows[0]["labels"]) > 0
+    prompt, response = "start " + "word " * 200 + "finish", "the answer is here"
+    (row,) = encode_instructions([prompt], [response], tokenizer, 32)
+    head = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    scored = [t for t in row["labels"] if t != IGNORE]
+    assert len(row["input_ids"]) == 32 and 0 < len(scored) <= 16  # the response keeps at least half the length
+    assert tokenizer.decode(scored).startswith("the answer")  # from its start
+    kept = row["input_ids"][: 32 - len(scored)]
+    assert kept[:8] == head[:8] and kept[-8:] == head[-8:]  # the template's header and the prompt's end stay
+
+
+def test_text_rows_score_every_token_and_end_once(tiny_lm) -> None:
+    import datasets
+
+    from fedtune.client.causal_lm import encode_instructions
+    from fedtune.client.config import ClientConfig, ModelSpec, TrainSpec
+    from fedtune.client.train import encode, train_round
+
+    model, tokenizer = tiny_lm
+    rows = encode(datasets.Dataset.from_dict({"text": ["a short note", "another note here"] * 8}), tokenizer, 64)
+    assert all(r["labels"] == r["input_ids"] and r["input_ids"].count(tokenizer.eos_token_id) == 1 for r in rows)
+    spec = ModelSpec(name="unused", task="causal-lm")
+    outcome = train_round(
+        model, rows, tokenizer, ClientConfig(labels=(), model=spec, train=TrainSpec(batch_size=8)), plan=None, history=[]
+    )
+    assert outcome.steps == 2 and 0 < outcome.mean_loss < 20 and outcome.tokens == sum(len(r["input_ids"]) for r in rows)
+    plain = copy.copy(tokenizer)
+    plain.chat_template = None  # no template: the prompt, a newline, the response and an end-of-text token
+    (row,) = encode_instructions(["a question"], ["its answer"], plain, 64)
+    assert plain.decode([t for t in row["labels"] if t >= 0]) == "its answer [SEP]"
+
+
+def test_a_rows_gradient_is_its_own_under_opacus(tiny_lm) -> None:
+    """Each row's per-sample gradient in a batch of rows of different lengths equals its gradient alone."""
+    from opacus import GradSampleModule
+
+    from fedtune.client.train import _loss
+
+    model, tokenizer = tiny_lm
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # B starts at zero, which would make every adapter gradient but B's zero
+    sampled = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    params = [p for p in sampled.parameters() if p.requires_grad]
+
+    def per_row(rows):
+        for p in params:
+            p.grad_sample, p.grad = None, None
+        _loss(sampled, _batch(tokenizer, rows)[1], torch.device("cpu"), None, params, True).backward()
+        return [p.grad_sample.clone() for p in params]
+
+    rows = [*ROWS, ("hi", "hello there friend of mine")]
+    together = per_row(rows)
+    for i, row in enumerate(rows):
+        alone = per_row([row])
+        assert all(torch.allclose(t[i], a[0], rtol=1e-4, atol=1e-7) for t, a in zip(together, alone))
+    sampled._close()
+
+
+def test_hostile_evaluations_are_rejected_and_pooling_weighs_tokens() -> None:
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from fedtune.client import wire
+    from fedtune.coordinator.replies import Rejected, accept_evaluate
+    from fedtune.coordinator.strategy import aggregate_evaluate_metrics
+
+    def reply(**metrics) -> Message:
+        base = {wire.CLIENT_ID: 7, wire.NUM_EXAMPLES: 2, wire.WEIGHT: 1}
+        return Message(RecordDict({wire.METRICS: MetricRecord(base | metrics)}), dst_node_id=1, message_type="evaluate")
+
+    bad = {
+        "no token count": {wire.LOSS: 1.0},
+        "no token": {wire.LOSS: 1.0, wire.TOKENS: 0},
+        "a classifier's score": {wire.LOSS: 1.0, wire.TOKENS: 5, wire.ACCURACY: 0.5},
+        "an overflowing loss": {wire.LOSS: 1e308, wire.TOKENS: 5},
+        "more tokens than rows hold": {wire.LOSS: 0.0, wire.TOKENS: 2 * 64 + 1},
+    }
+    for what, metrics in bad.items():
+        with pytest.raises(Rejected):
+            accept_evaluate(reply(**metrics), 7, 0, 64)
+            pytest.fail(what)
+    with pytest.raises(Rejected):  # and a classifier's reply does not carry tokens
+        accept_evaluate(reply(**{wire.LOSS: 1.0, wire.TOKENS: 5, wire.CONFUSION: [1.0, 0.0, 0.0, 1.0]}), 7, 2, 64)
+    ok = [accept_evaluate(reply(**{wire.LOSS: loss, wire.TOKENS: n}), 7, 0, 64) for loss, n in ((1.0, 100), (3.0, 10))]
+    pooled = aggregate_evaluate_metrics([RecordDict({wire.METRICS: MetricRecord(r.metrics())}) for r in ok], wire.WEIGHT)
+    assert pooled[wire.LOSS] == pytest.approx((1.0 * 100 + 3.0 * 10) / 110)  # per token, not per client
+    assert pooled[wire.PERPLEXITY] == pytest.approx(math.exp(pooled[wire.LOSS])) and pooled[wire.TOKENS] == 110
+
+
+def test_classifier_and_causal_lm_on_the_same_texts_spend_one_budget(tmp_path: Path) -> None:
+    import datasets
+
+    from fedtune.client.local_data import ledger_keys
+    from fedtune.privacy.ledger import Ledger, fingerprint_rows
+
+    texts = ["first row", "second row"]
+    labelled, _ = ledger_keys(datasets.Dataset.from_dict({"text": texts, "label": [0, 1]}), ("neg", "pos"))
+    plain, older = ledger_keys(datasets.Dataset.from_dict({"text": texts}), ())
+    assert labelled == plain and older == ()
+    _, (legacy,) = ledger_keys(datasets.Dataset.from_dict({"text": texts, "label": [0, 1]}), ("neg", "pos"))
+    assert legacy == fingerprint_rows([("first row", "neg"), ("second row", "pos")])  # what ledgers held before
+    ledger = Ledger(tmp_path / "ledger.json")
+    ledger.reserve(legacy, [(1.0, 0.1, 50)], budget=100, delta=1e-5, accountant="rdp", run_id="old", round_id=1)
+    ledger.reserve(plain, [(1.0, 0.1, 50)], budget=100, delta=1e-5, accountant="rdp", run_id="new", round_id=1, also=(legacy,))
+    assert ledger.history(plain, also=(legacy,)) == [(1.0, 0.1, 50)] * 2
+    spent = ledger.spent(plain, 1e-5, "rdp", also=(legacy,))
+    refused = ledger.reserve(
+        plain, [(1.0, 0.1, 50)], budget=spent + 0.01, delta=1e-5, accountant="rdp", run_id="x", round_id=2, also=(legacy,)
+    )
+    assert not refused.granted  # the older key's rounds count against the budget
+
+
+def test_an_unwritable_model_cache_is_one_sentence(tmp_path: Path, monkeypatch, capsys) -> None:
+    from fedtune.simulations.cli import main
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv("FEDTUNE_CACHE", "/dev/null/cache")
+    assert main(["--model", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "set FEDTUNE_CACHE to a writable folder" in err and "Traceback" not in err
 
 
 # --- bad input: one sentence, exit 2, no run folder ----------------------------------------------------------------
@@ -273,6 +388,7 @@ BAD_LM_INPUT = [
     ("max length beyond context", lm(QA, "--max-length", "1000"), "beyond the context"),
     ("full fine-tuning", lm(QA, "--full-finetune"), "LoRA adapters only"),
     ("label partitioning", lm(QA, "--partitioning", "dirichlet"), "a causal LM's rows have none"),
+    ("labels for a causal LM", lm(QA, "--labels", "a,b"), "--labels asks for a classifier"),
 ]
 
 
