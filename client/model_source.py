@@ -55,7 +55,7 @@ def resolve_model(name: str) -> str:
 def converted_gguf(gguf: Path) -> Path:
     """The GGUF model `gguf` as a float checkpoint folder (model and tokenizer), converted on first use.
 
-    transformers dequantises GGUF on every load: 17 s for SmolLM2-135M on 2 cores, plus 7 s for its tokenizer,
+    transformers dequantises GGUF on every load: 14-16 s for SmolLM2-135M on 2 cores, plus 3-7 s for its tokenizer,
     in each process that loads it (every Ray worker). The converted folder loads in about a second.
     """
     if not gguf.is_file():
@@ -77,6 +77,7 @@ def converted_gguf(gguf: Path) -> Path:
 
 def _convert(gguf: Path, out: Path) -> Path:
     """Dequantise `gguf` into a temporary folder beside `out`, then rename it to `out` (whole or not at all)."""
+    import torch
     import transformers
 
     out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -88,7 +89,7 @@ def _convert(gguf: Path, out: Path) -> Path:
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        print(f"fedtune: converting {gguf.name} to a float checkpoint in {out.parent} (once, ~30 s)", file=sys.stderr)
+        print(f"fedtune: converting {gguf.name} to a float checkpoint in {out.parent} (once, ~20 s)", file=sys.stderr)
         transformers.utils.logging.disable_progress_bar()
         try:
             loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -100,8 +101,10 @@ def _convert(gguf: Path, out: Path) -> Path:
         # the same weights go into an unmarked model of the same config.
         config = loaded.config.to_dict()
         config.pop("quantization_config", None)
-        model = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config))
-        model.load_state_dict(loaded.state_dict())
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced (seconds for 135M)
+            model = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config))
+        model.load_state_dict(loaded.state_dict(), assign=True)
+        model.tie_weights()
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
         if out.exists() and not (out / "config.json").is_file():
