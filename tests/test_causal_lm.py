@@ -16,7 +16,6 @@ from tests.conftest import write_instructions
 from tests.test_simulation import RecordReplies
 
 
-
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
     """3 clients x 2 rounds of a tiny Llama on prompt/response rows, DP on; client 2's budget is below one round."""
