@@ -122,8 +122,7 @@ def start(args: argparse.Namespace, console: Console) -> int:
     import datasets
 
     from fedtune.client.config import node_config
-    from fedtune.client.data import read_table, table_examples
-    from fedtune.client.local_data import ledger_keys
+    from fedtune.client.data import ledger_keys, read_table, table_examples
     from fedtune.client.supernode import NodeSettings, check_files, run_supernode
     from fedtune.privacy.ledger import Ledger
 

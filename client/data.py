@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 
 from fedtune.client.config import ColumnSpec
+from fedtune.privacy.ledger import fingerprint_rows
 
 SUFFIX_TO_BUILDER = {
     ".csv": "csv",
@@ -143,3 +144,17 @@ def load_data(
 ) -> tuple[datasets.Dataset, tuple[str, ...]]:
     """Read and validate a data file for the run's task: labelled rows, or a causal LM's rows."""
     return table_examples(read_table(path), columns, labels, causal_lm, str(path))
+
+
+def ledger_keys(examples: datasets.Dataset, labels: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The ledger's key for these rows, and their older keys.
+
+    The key is the rows' text alone (a causal LM's prompt and response), so a classifier and a causal LM trained
+    on the same texts spend from one budget. Ledgers written before causal LMs keyed a classifier's rows by text
+    and label *name*; that key is read too.
+    """
+    texts = ["prompt", "response"] if "prompt" in examples.column_names else ["text"]
+    key = fingerprint_rows(zip(*(examples[c] for c in texts)))
+    if "label" not in examples.column_names:
+        return key, ()
+    return key, (fingerprint_rows((t, labels[y]) for t, y in zip(examples["text"], examples["label"])),)

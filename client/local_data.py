@@ -11,9 +11,9 @@ from typing import Any
 import datasets
 
 from fedtune.client.config import ClientConfig
+from fedtune.client.data import ledger_keys
 from fedtune.client.model import load_tokenizer
 from fedtune.client.train import Encoded, encode
-from fedtune.privacy.ledger import fingerprint_rows
 
 # Returns this node's own examples (columns `text` and `label`; a causal LM's `text`, or `prompt` and `response`)
 # given its Flower node config.
@@ -42,20 +42,6 @@ def prepare(cfg: ClientConfig, data_fn: DataFn, node_config: dict[str, Any]) -> 
     fingerprint, older = ledger_keys(examples, cfg.labels)
     train_rows, held_rows = encode(train, tokenizer, cfg.model.max_length), encode(held, tokenizer, cfg.model.max_length)
     return LocalData(train_rows, held_rows, fingerprint, older)
-
-
-def ledger_keys(examples: datasets.Dataset, labels: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
-    """The ledger's key for these rows, and their older keys.
-
-    The key is the rows' text alone (a causal LM's prompt and response), so a classifier and a causal LM trained
-    on the same texts spend from one budget. Ledgers written before causal LMs keyed a classifier's rows by text
-    and label *name*; that key is read too.
-    """
-    texts = ["prompt", "response"] if "prompt" in examples.column_names else ["text"]
-    key = fingerprint_rows(zip(*(examples[c] for c in texts)))
-    if "label" not in examples.column_names:
-        return key, ()
-    return key, (fingerprint_rows((t, labels[y]) for t, y in zip(examples["text"], examples["label"])),)
 
 
 class LocalDataCache:

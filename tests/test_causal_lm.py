@@ -325,7 +325,7 @@ def test_hostile_evaluations_are_rejected_and_pooling_weighs_tokens() -> None:
 def test_classifier_and_causal_lm_on_the_same_texts_spend_one_budget(tmp_path: Path) -> None:
     import datasets
 
-    from fedtune.client.local_data import ledger_keys
+    from fedtune.client.data import ledger_keys
     from fedtune.privacy.ledger import Ledger, fingerprint_rows
 
     texts = ["first row", "second row"]
