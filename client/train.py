@@ -121,14 +121,15 @@ class RoundOutcome:
 
 
 def _loss(runner: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, criterion, params, position_ids: bool):
-    """The batch loss to call backward() on; None for an empty batch under ghost clipping (or a causal LM's),
-    whose gradients (per-sample gradients) are then set to zero so that the optimizer takes the noise-only step."""
+    """The batch loss to call backward() on; None for an empty (Poisson) batch, whose gradients (per-sample
+    gradients, under Opacus' hooks) are then set to zero so that the optimizer takes the noise-only step."""
+    if criterion is None and batch["labels"].shape[0] == 0:
+        # An empty Poisson batch: BERT's and Llama's attention cannot reshape zero rows (transformers 5), so no
+        # forward pass; Opacus clips no rows and its step adds the noise the accounting counts.
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        return None
     if criterion is None and batch["labels"].dim() == 2:  # a causal LM: each row's mean token loss
-        if batch["labels"].shape[0] == 0:
-            # Llama's attention cannot reshape an empty batch; Opacus clips no rows and its step adds the noise.
-            for p in params:
-                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-            return None
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return row_mean_loss(forward(runner, inputs, device, position_ids).logits, batch["labels"].to(device))
     if criterion is None:

@@ -34,7 +34,7 @@ OTHER: dict[str, Any] = {
     "partitioning": "iid",
     "task": "classification",
     "device": "cpu",
-    "model": "my-model-dir",
+    "model": "./my-model-dir",  # a path: a bare name would be looked up on the hub (slow offline)
     "wait_for_clients": 3,  # >= min_clients
     "budget_epsilon": 4.0,
     "client_budgets": {1: 0.5},
