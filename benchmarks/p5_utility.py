@@ -28,6 +28,10 @@ SETTINGS = (
     ("federated, DP epsilon 8", 10, True, 8.0),
 )
 
+# The settings P5's probes vary, recorded with every row as they were in effect.
+LEVERS = ("batch_size", "learning_rate", "head_learning_rate", "lr_schedule", "optimizer", "local_epochs",
+          "max_grad_norm", "accountant", "strategy", "server_learning_rate", "server_momentum")  # fmt: skip
+
 
 def run(setting: tuple, args: argparse.Namespace, data: Path, test: Path, out: Path) -> dict[str, Any]:
     from fedtune.simulations.config import build_config
@@ -50,14 +54,13 @@ def run(setting: tuple, args: argparse.Namespace, data: Path, test: Path, out: P
             dp=dp,
             epsilon=epsilon or 8.0,
             delta=args.delta,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            head_learning_rate=args.head_lr,
-            lr_schedule=args.lr_schedule,
             cpus_per_client=2.0 if clients == 1 else 1.0,  # the single data holder gets both cores
             seed=args.seed,
             out=str(out / name.replace(", ", "-").replace(" ", "-")),
-        ),  # fmt: skip
+        )
+        | {k: v for k, v in dict(batch_size=args.batch_size, learning_rate=args.lr, head_learning_rate=args.head_lr,
+                                 lr_schedule=args.lr_schedule).items() if v is not None}
+        | dict(kv.split("=", 1) for kv in args.set),  # fmt: skip
     )
     began = time.perf_counter()
     results = simulate(cfg)
@@ -70,12 +73,13 @@ def run(setting: tuple, args: argparse.Namespace, data: Path, test: Path, out: P
         "target_epsilon": epsilon,
         "max_client_epsilon": max((c.get("epsilon") or 0.0 for c in reports), default=None) if dp else None,
         "delta": args.delta if dp else None,
-        "accountant": "rdp" if dp else None,
+        "accountant": next((c.get("accountant") for c in reports if c.get("accountant")), None) if dp else None,
         "dev_accuracy": results["final"]["accuracy"],
         "dev_macro_f1": results["final"].get("macro-f1"),
         "dev_accuracy_by_round": curve,
         "partition_sizes": results["data"]["partition_sizes"],
         "wall_s": time.perf_counter() - began,
+        "settings": {name: getattr(cfg, name) for name in LEVERS},
     }
 
 
@@ -112,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=16000, help="SST-2 training rows used (default 16000 of 67,349)")
     p.add_argument("--rounds", type=int, default=3, help="rounds = epochs over the training rows (default 3)")
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05, help="adapters' learning rate (fedtune's default 0.05)")
-    p.add_argument("--head-lr", type=float, default=2.0, help="classification head's learning rate (fedtune's default 2.0)")
-    p.add_argument("--lr-schedule", default="constant", help="constant | cosine over the rounds (fedtune's default constant)")
+    p.add_argument("--batch-size", type=int, help="expected batch size (default: fedtune's)")
+    p.add_argument("--lr", type=float, help="adapters' learning rate (default: fedtune's)")
+    p.add_argument("--head-lr", type=float, help="classification head's learning rate (default: fedtune's)")
+    p.add_argument("--lr-schedule", help="constant | cosine over the rounds (default: fedtune's)")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other fedtune-simulate setting, as in its TOML file (repeatable; a probe's one lever)")
     p.add_argument("--settings", help="comma-separated indices into the settings (default: all five)")
     p.add_argument("--smoke", action="store_true", help="1 round of each setting (keeps the script from rotting)")
     p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/p5_utility.json; the plot beside it)")
@@ -142,10 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["points_below_centralised"] = None if reference is None else 100 * (reference - row["dev_accuracy"])
     meta = {"model": args.model, "train": str(args.data or f"SST-2 train.tsv ({SST2}), first {args.rows} rows"),
-            "test": str(args.test or "SST-2 dev.tsv (872 rows)"), "rounds": args.rounds, "local_epochs": 1,
-            "batch_size": args.batch_size, "partitioning": f"dirichlet alpha {args.alpha} over labels (flwr-datasets)",
-            "lora": True, "optimizer": f"momentum SGD, lr {args.lr} adapters / {args.head_lr} head, clip 1.0",
-            "lr_schedule": args.lr_schedule,
+            "test": str(args.test or "SST-2 dev.tsv (872 rows)"), "rounds": args.rounds,
+            "partitioning": f"dirichlet alpha {args.alpha} over labels (flwr-datasets)",
+            "lora": True, "settings": "per row (fedtune's defaults unless a flag or --set changed them)",
             "majority_class_accuracy": majority,
             "goal": "federated epsilon 8 within 2.5 points of centralised non-private"}  # fmt: skip
     write("P5 utility on SST-2", rows, out, meta, columns=[

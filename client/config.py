@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedtune.client.settings import NODE, ConfigError, check_choices, setting, to_flower
-from fedtune.privacy import ACCOUNTANTS
+from fedtune.privacy import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +85,12 @@ class PrivacySpec:
     target_epsilon: float = setting(8.0, key="epsilon", scope=NODE, help="target epsilon per client over the whole run")
     delta: float = setting(1e-5, scope=NODE, help="delta")
     max_grad_norm: float = setting(1.0, scope=NODE, help="per-sample clipping norm")
-    accountant: str = setting("rdp", choices=ACCOUNTANTS, scope=NODE, help="privacy accountant")
+    accountant: str = setting(
+        DEFAULT_ACCOUNTANT,
+        choices=ACCOUNTANTS,
+        scope=NODE,
+        help="privacy accountant: pld (Google dp-accounting, tight), rdp or prv (Opacus)",
+    )
     budget_epsilon: float = setting(
         0.0, scope=NODE, help="hard epsilon limit; rounds that would exceed it are declined (0: the target epsilon)"
     )

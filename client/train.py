@@ -231,7 +231,6 @@ def train_round(
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm,
             history=history,
-            accountant=cfg.privacy.accountant,
             # Measured (benchmarks/p1_dp_overhead.py, MiniLM): for LoRA, Opacus' hooks cost 1.01x a
             # non-DP step and ghost clipping 1.4x; for full fine-tuning hooks cost 3.2x and 5.8 GB, ghost
             # clipping 1.8x and 1.8 GB (it never materialises per-sample gradients of the embeddings).

@@ -9,7 +9,7 @@ import zipfile
 from typing import Any
 
 # Bump when what travels between client and coordinator changes incompatibly: a client refuses runs of another.
-PROTOCOL_VERSION = 3  # 2: weights travel as one flat array, metrics and config through client/wire.py; 3: causal LMs
+PROTOCOL_VERSION = 4  # 2: weights travel as one flat array, metrics and config through client/wire.py; 3: causal LMs; 4: the PLD accountant (index 2)
 PROTOCOL_KEY = "fedtune-protocol"
 PUBLISHER = "fedtune"
 APP_NAME = "fedtune"

@@ -15,7 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtune.client.update_codec import ENCODINGS, Layout, Tensors, UpdateCodecError, dequantize, flatten, quantize, unflatten
-from fedtune.privacy.accounting import ACCOUNTANTS, History
+from fedtune.privacy.accounting import ACCOUNTANTS, DEFAULT_ACCOUNTANT, History
 
 # Records of a message. A task holds ARRAYS and CONFIG, a train reply METRICS and ARRAYS, an evaluate reply METRICS.
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
@@ -305,7 +305,7 @@ class PrivacyReport:
     noise_multiplier: float  # this round's plan
     sample_rate: float
     history: History  # Opacus' accountant history: (noise multiplier, sample rate, steps) per mechanism
-    accountant: str = ACCOUNTANTS[0]
+    accountant: str = DEFAULT_ACCOUNTANT
     max_grad_norm: float = 1.0
     ledger: bool = False  # composed across runs on the same data
 

@@ -10,7 +10,7 @@ from fedtune.client.model import ModelSpec
 from fedtune.client.settings import check_choices, same, setting
 from fedtune.client.update_codec import ENCODINGS
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 
 
 class CoordinatorConfigError(ConfigError):
@@ -36,7 +36,8 @@ class CoordinatorConfig:
     min_clients: int = setting(2, help="replies a training round needs to be aggregated (at most the clients there are)")
     wait_for_clients: int = setting(0, help="clients connected before round 1 starts, when more than min_clients")
     proximal_mu: float = setting(0.01, help="FedProx proximal term")
-    server_learning_rate: float = setting(0.01, flag="--server-lr", help="FedAdam server learning rate (eta)")
+    server_learning_rate: float = setting(0.01, flag="--server-lr", help="FedAdam/FedAvgM server learning rate (eta)")
+    server_momentum: float = setting(0.0, help="FedAvgM server momentum")
     round_timeout: float = setting(3600.0, help="seconds each phase (train, evaluate) of a round waits for clients")
     round_retries: int = setting(1, help="times a round too few clients answered is sent again before the run stops")
     join_timeout: float = setting(600.0, help="seconds to wait for enough clients to connect before giving up")
@@ -70,6 +71,7 @@ class CoordinatorConfig:
             (self.wait_for_clients >= 0, f"clients to wait for must be >= 0, got {self.wait_for_clients}"),
             (self.proximal_mu >= 0, f"proximal mu must be >= 0, got {self.proximal_mu}"),
             (self.server_learning_rate > 0, f"server learning rate must be > 0, got {self.server_learning_rate}"),
+            (0 <= self.server_momentum < 1, f"server momentum must be in [0, 1), got {self.server_momentum}"),
             (self.round_timeout > 0, f"round timeout must be > 0, got {self.round_timeout}"),
             (self.round_retries >= 0, f"round retries must be >= 0, got {self.round_retries}"),
             (self.join_timeout > 0, f"join timeout must be > 0, got {self.join_timeout}"),

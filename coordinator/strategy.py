@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -120,6 +121,8 @@ def build_strategy(cfg: CoordinatorConfig, num_available: int) -> Strategy:
         )
     if cfg.strategy == "fedprox":
         return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "fedavgm":
+        return FedAvgM(**common, server_learning_rate=cfg.server_learning_rate, server_momentum=cfg.server_momentum)
     if cfg.strategy == "fedadam":
         return FedAdam(**common, eta=cfg.server_learning_rate, eta_l=cfg.server_learning_rate)
     # Robust aggregation against poisoned or broken updates (Flower's implementations).

@@ -6,6 +6,7 @@ from typing import Any
 
 from fedtune.privacy.accounting import (
     ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
     History,
     PrivacyBudgetError,
     calibrate_noise,
@@ -25,6 +26,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ACCOUNTANTS",
+    "DEFAULT_ACCOUNTANT",
     "History",
     "PrivacyBudgetError",
     "calibrate_noise",

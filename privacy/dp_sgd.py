@@ -22,7 +22,6 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     history: History,
-    accountant: str = "rdp",
     grad_sample_mode: str = "hooks",
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine, DPLossFastGradientClipping | None]:
     """Wrap for DP-SGD with Poisson sampling; `engine.accountant.history` then holds old + new steps.
@@ -34,7 +33,9 @@ def make_private(
         # Opacus reminds on every construction that secure_mode (torchcsprng) is off; fedtune
         # documents that choice once instead of repeating it per client and round.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=accountant)
+        # The engine's accountant only carries the step history: fedtune computes every epsilon itself
+        # (privacy.accounting), with accountants Opacus does not have (PLD) as well as those it has.
+        engine = PrivacyEngine(accountant="rdp")
     # Start from what this data holder already spent, not from zero (Flower's example builds a
     # fresh engine every round and so reports one round's epsilon as if it were the total).
     engine.accountant.history = list(history)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 
 from tests.conftest import write_instructions
 from tests.test_simulation import RecordReplies
@@ -99,7 +98,7 @@ def test_global_adapters_changed_and_only_adapters_travel(lm_run, tiny_llama_dir
 
 
 def test_every_epsilon_recomputes_independently_and_the_client_over_budget_declines(lm_run) -> None:
-    import dp_accounting
+    from tests.independent_accounting import PRV_AGREEMENT, google_pld, opacus_prv
 
     cfg, results, out, replies = lm_run
     report = json.loads((out / "privacy.json").read_text())
@@ -109,15 +108,8 @@ def test_every_epsilon_recomputes_independently_and_the_client_over_budget_decli
         per_round = [r["clients"][cid] for r in results["rounds"][1:]]
         for entry in per_round:
             history = list(zip(entry["history-noise"], entry["history-rate"], entry["history-steps"]))
-            opacus = RDPAccountant()
-            opacus.history = list(history)
-            assert entry["epsilon"] == pytest.approx(opacus.get_epsilon(delta=cfg.delta), rel=1e-9)
-            google = dp_accounting.rdp.RdpAccountant()
-            for z, q, n in history:
-                google.compose(
-                    dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)
-                )
-            assert entry["epsilon"] == pytest.approx(google.get_epsilon(cfg.delta), rel=0.01)
+            assert entry["epsilon"] == pytest.approx(google_pld(history, cfg.delta), rel=1e-6)
+            assert entry["epsilon"] == pytest.approx(opacus_prv(history, cfg.delta), rel=PRV_AGREEMENT)
         assert per_round[0]["epsilon"] < per_round[1]["epsilon"] <= cfg.epsilon
 
 

@@ -304,7 +304,7 @@ def test_client_ledger_on_disk_holds_what_the_coordinator_reports(federation) ->
         done = cli("fedtune-client", "budget", "--home", str(federation["base"] / f"home{i}"), "--json")
         assert done.returncode == 0, done.stderr
         (entry,) = json.loads(done.stdout)
-        assert entry["budget"] == 8 and entry["accountant"] == "rdp" and list(entry["runs"].values())[0]["rounds"] == 2
+        assert entry["budget"] == 8 and entry["accountant"] == "pld" and list(entry["runs"].values())[0]["rounds"] == 2
         spent.append(entry["spent"])
     assert sorted(spent) == pytest.approx(reported)
 

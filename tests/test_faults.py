@@ -159,7 +159,7 @@ def test_round_nobody_answers_stops_the_run_and_resume_finishes_it(data_file: Pa
         assert [s[4] for s in entry["steps"]] == [1, 2, 3]
         z, q, n = entry["steps"][0][:3]
         assert all(s[:3] == [z, q, n] for s in entry["steps"])
-        expected.append(epsilon_spent([(z, q, n)] * 3, cfg.delta, "rdp"))
+        expected.append(epsilon_spent([(z, q, n)] * 3, cfg.delta))
     assert reported == pytest.approx(sorted(expected), rel=1e-9)
     assert max(reported) <= cfg.epsilon
 

@@ -135,3 +135,24 @@ def test_eight_bit_updates_are_decoded_before_validation() -> None:
     assert "exceeds the bound" in rejected[2]
     assert "the scales are (1,) float32, expected (2,) float32" in rejected[3]
     assert 0 not in rejected
+
+
+def test_fedavgm_steps_the_server_learning_rate_times_the_mean_update_with_momentum() -> None:
+    from pathlib import Path
+
+    from fedtune.client.model import ModelSpec
+    from fedtune.coordinator.config import CoordinatorConfig
+    from fedtune.coordinator.strategy import build_strategy
+
+    cfg = CoordinatorConfig(
+        labels=("a", "b"), out_dir=Path("unused"), model=ModelSpec(), strategy="fedavgm", min_clients=2,
+        server_learning_rate=3.0, server_momentum=0.5,
+    )  # fmt: skip
+    strategy = CheckedStrategy(build_strategy(cfg, 2), lambda r, reports: None, max_update_norm=1e9)
+    start = ArrayRecord({"w": torch.zeros(4)})
+    strategy.current = strategy.inner.current_arrays = start  # as configure_train sets both
+    arrays, _ = strategy.aggregate_train(1, [reply(0, {"w": torch.full((4,), 0.1)}), reply(1, {"w": torch.full((4,), 0.3)})])
+    assert np.allclose(arrays["w"].numpy(), 3.0 * 0.2)  # mean update 0.2, times the server learning rate
+    strategy.current = arrays
+    arrays, _ = strategy.aggregate_train(2, [reply(0, {"w": torch.full((4,), 0.7)}), reply(1, {"w": torch.full((4,), 0.7)})])
+    assert np.allclose(arrays["w"].numpy(), 0.6 + 3.0 * (0.1 + 0.5 * 0.2))  # round 2's update plus half of round 1's
