@@ -30,7 +30,7 @@ SETTINGS = (
 
 # The settings P5's probes vary, recorded with every row as they were in effect.
 LEVERS = ("batch_size", "learning_rate", "head_learning_rate", "lr_schedule", "optimizer", "local_epochs",
-          "max_grad_norm", "accountant", "strategy", "server_learning_rate", "server_momentum")  # fmt: skip
+          "max_grad_norm", "head_clip_share", "accountant", "strategy", "server_learning_rate", "server_momentum")  # fmt: skip
 
 
 def run(setting: tuple, args: argparse.Namespace, data: Path, test: Path, out: Path) -> dict[str, Any]:

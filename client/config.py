@@ -85,6 +85,12 @@ class PrivacySpec:
     target_epsilon: float = setting(8.0, key="epsilon", scope=NODE, help="target epsilon per client over the whole run")
     delta: float = setting(1e-5, scope=NODE, help="delta")
     max_grad_norm: float = setting(1.0, scope=NODE, help="per-sample clipping norm")
+    head_clip_share: float = setting(
+        0.0,
+        scope=NODE,
+        help="share of the clipping norm's square for the classification head, the rest for the LoRA adapters "
+        "(clipped apart, same noise); 0, a causal LM or --full-finetune: one clip over all weights",
+    )
     accountant: str = setting(
         DEFAULT_ACCOUNTANT,
         choices=ACCOUNTANTS,
@@ -101,6 +107,7 @@ class PrivacySpec:
         _require(0 < self.target_epsilon < math.inf, f"target epsilon must be a finite number > 0, got {self.target_epsilon}")
         _require(0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
         _require(self.max_grad_norm > 0, f"clipping norm must be > 0, got {self.max_grad_norm}")
+        _require(0 <= self.head_clip_share < 1, f"head clip share must be in [0, 1), got {self.head_clip_share}")
         _require(
             0 <= self.budget_epsilon < math.inf,
             f"budget epsilon must be a finite number > 0 (or 0: the target epsilon), got {self.budget_epsilon}",

@@ -20,13 +20,14 @@ def make_private(
     loader: DataLoader,
     *,
     noise_multiplier: float,
-    max_grad_norm: float,
+    max_grad_norm: float | list[float],
     history: History,
     grad_sample_mode: str = "hooks",
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, PrivacyEngine, DPLossFastGradientClipping | None]:
     """Wrap for DP-SGD with Poisson sampling; `engine.accountant.history` then holds old + new steps.
 
-    With grad_sample_mode "ghost" (ghost clipping: per-sample gradient norms without per-sample gradients)
+    A list of norms clips each parameter apart (Opacus' per-layer clipping, in the optimizer's parameter
+    order); the noise then scales with the norms' L2 norm. With grad_sample_mode "ghost" (ghost clipping: per-sample gradient norms without per-sample gradients)
     the last element is the loss to train with (it runs both backward passes); otherwise it is None.
     """
     with warnings.catch_warnings():
@@ -47,6 +48,7 @@ def make_private(
         data_loader=loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
+        clipping="per_layer" if isinstance(max_grad_norm, list) else "flat",
         poisson_sampling=True,
         grad_sample_mode=grad_sample_mode,
         **ghost,

@@ -10,8 +10,9 @@ from tests.conftest import TINY_LABELS, sentiment_rows
 
 
 @pytest.mark.parametrize(
-    "lora,batch_size,pooler",
-    [(True, 8, "auto"), (False, 8, "auto"), (False, 1, "auto"), (True, 8, "mean"), (False, 8, "mean")],
+    "lora,batch_size,pooler,head_clip_share",
+    [(True, 8, "auto", 0), (False, 8, "auto", 0), (False, 1, "auto", 0), (True, 8, "mean", 0), (False, 8, "mean", 0),
+     (True, 8, "mean", 0.25)],  # fmt: skip
     # batch 1 of 40 rows: Poisson sampling draws many empty batches, each a noise-only step (ghost clipping
     # has no path for them in Opacus; fedtune's does).
     ids=[
@@ -20,15 +21,16 @@ from tests.conftest import TINY_LABELS, sentiment_rows
         "full-finetune-ghost-empty-batches",
         "lora-hooks-mean-pooling",
         "full-finetune-ghost-mean-pooling",
+        "lora-hooks-head-clipped-apart",
     ],
 )
 def test_a_round_of_dp_sgd_changes_every_trainable_weight_and_spends_the_plan(
-    lora: bool, batch_size: int, pooler: str, tiny_model_dir: Path
+    lora: bool, batch_size: int, pooler: str, head_clip_share: float, tiny_model_dir: Path
 ) -> None:
     import datasets
     import torch
 
-    from fedtune.client.config import ClientConfig, ModelSpec, TrainSpec
+    from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
     from fedtune.client.model import build_model, load_tokenizer, trainable_state
     from fedtune.client.train import encode, plan_round, train_round
     from fedtune.privacy import epsilon_spent
@@ -36,6 +38,7 @@ def test_a_round_of_dp_sgd_changes_every_trainable_weight_and_spends_the_plan(
     cfg = ClientConfig(
         labels=TINY_LABELS,
         model=ModelSpec(name=str(tiny_model_dir), lora=lora, max_length=32, pooler=pooler),
+        privacy=PrivacySpec(head_clip_share=head_clip_share),
         train=TrainSpec(batch_size=batch_size, device="cpu"),
     )
     rows = sentiment_rows(40)
@@ -196,3 +199,58 @@ def test_the_cosine_schedule_scales_both_learning_rates_by_the_round(tiny_model_
     for name, value in scaled.items():
         np.testing.assert_allclose(scheduled[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
     assert any(not np.allclose(scheduled[k], constant[k]) for k in constant)
+
+
+def test_the_head_and_the_adapters_are_clipped_apart_with_the_same_total_norm(tiny_model_dir: Path) -> None:
+    import warnings
+
+    import datasets
+    import torch
+
+    from fedtune.client.config import ClientConfig, ModelSpec, PrivacySpec, TrainSpec
+    from fedtune.client.model import build_model, is_head_parameter, load_tokenizer
+    from fedtune.client.train import _step, clipping_norms, encode, make_loader
+    from fedtune.privacy import make_private
+
+    def one_noiseless_step(share: float) -> tuple[dict[str, float], dict[str, float], float]:
+        cfg = ClientConfig(
+            labels=TINY_LABELS,
+            model=ModelSpec(name=str(tiny_model_dir), max_length=32, pooler="mean"),
+            privacy=PrivacySpec(head_clip_share=share, max_grad_norm=0.5),
+            train=TrainSpec(device="cpu"),
+        )
+        torch.manual_seed(0)
+        model = build_model(cfg.model, TINY_LABELS)
+        tokenizer = load_tokenizer(str(tiny_model_dir))
+        data = encode(datasets.Dataset.from_dict({"text": ["a good film", "bad"], "label": [1, 0]}), tokenizer, 32)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        head = [(n, p) for n, p in named if is_head_parameter(n)]
+        rest = [(n, p) for n, p in named if not is_head_parameter(n)]
+        norms = clipping_norms(cfg, len(head), len(rest))
+        params = [p for _, p in head + rest]
+        optimizer = torch.optim.SGD([{"params": [p for _, p in head]}, {"params": [p for _, p in rest]}], lr=1.0)
+        loader = make_loader(data, tokenizer, 2, shuffle=False)
+        runner, optimizer, _, _, _ = make_private(
+            model, optimizer, loader, noise_multiplier=0.0, max_grad_norm=norms, history=[]
+        )
+        before = {n: p.detach().clone() for n, p in head + rest}
+        with warnings.catch_warnings():  # frozen embeddings under LoRA: no hooked input requires grad
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            _step(runner, optimizer, [next(iter(loader))], True, torch.device("cpu"), None, params, 0.5, True)
+        # lr 1, no noise, two rows, expected batch 2: each tensor moved by the mean of its two clipped gradients.
+        moved = {n: float((p.detach() - before[n]).norm()) for n, p in head + rest}
+        bound = dict(zip([n for n, _ in head + rest], norms)) if isinstance(norms, list) else {}
+        total = optimizer.max_grad_norm
+        runner.cleanup()
+        return moved, bound, total
+
+    flat, no_bounds, flat_total = one_noiseless_step(0.0)
+    apart, bounds, apart_total = one_noiseless_step(0.01)
+    assert no_bounds == {} and flat_total == pytest.approx(0.5)
+    assert apart_total == pytest.approx(0.5)  # the noise scales with this: the same sensitivity as one flat clip
+    assert sum(b**2 for b in bounds.values()) == pytest.approx(0.25)
+    assert all(apart[n] <= bounds[n] * (1 + 1e-4) for n in bounds)  # no tensor exceeds its own norm
+    heads = [n for n in bounds if is_head_parameter(n)]
+    assert heads and sum(apart[n] ** 2 for n in heads) < 0.01 * 0.25 * (1 + 1e-3)  # 1% of the norm's square
+    # With one flat clip the head, whose gradient is the largest, takes more of the step than 1%.
+    assert sum(flat[n] ** 2 for n in heads) > sum(apart[n] ** 2 for n in heads)
