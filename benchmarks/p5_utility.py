@@ -55,11 +55,18 @@ def run(setting: tuple, args: argparse.Namespace, data: Path, test: Path, out: P
             epsilon=epsilon or 8.0,
             delta=args.delta,
             cpus_per_client=2.0 if clients == 1 else 1.0,  # the single data holder gets both cores
+            # Centralised is plain training: a server step on one data holder's update would only rescale it.
+            **({"strategy": "fedavg"} if clients == 1 else {}),
             seed=args.seed,
             out=str(out / name.replace(", ", "-").replace(" ", "-")),
         )
-        | {k: v for k, v in dict(batch_size=args.batch_size, learning_rate=args.lr, head_learning_rate=args.head_lr,
-                                 lr_schedule=args.lr_schedule).items() if v is not None}
+        | {
+            k: v
+            for k, v in dict(
+                batch_size=args.batch_size, learning_rate=args.lr, head_learning_rate=args.head_lr, lr_schedule=args.lr_schedule
+            ).items()
+            if v is not None
+        }
         | dict(kv.split("=", 1) for kv in args.set),  # fmt: skip
     )
     began = time.perf_counter()
@@ -122,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-schedule", help="constant | cosine over the rounds (default: fedtune's)")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other fedtune-simulate setting, as in its TOML file (repeatable; a probe's one lever)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other fedtune-simulate setting, as in its TOML file (repeatable; a probe's one lever)",
+    )
     p.add_argument("--settings", help="comma-separated indices into the settings (default: all five)")
     p.add_argument("--smoke", action="store_true", help="1 round of each setting (keeps the script from rotting)")
     p.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/p5_utility.json; the plot beside it)")

@@ -9,7 +9,9 @@ import zipfile
 from typing import Any
 
 # Bump when what travels between client and coordinator changes incompatibly: a client refuses runs of another.
-PROTOCOL_VERSION = 4  # 2: weights travel as one flat array, metrics and config through client/wire.py; 3: causal LMs; 4: the PLD accountant (index 2)
+# 2: weights travel as one flat array, metrics and config through client/wire.py; 3: causal LMs;
+# 4: the PLD accountant (index 2 of privacy.ACCOUNTANTS)
+PROTOCOL_VERSION = 4
 PROTOCOL_KEY = "fedtune-protocol"
 PUBLISHER = "fedtune"
 APP_NAME = "fedtune"

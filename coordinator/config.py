@@ -36,7 +36,9 @@ class CoordinatorConfig:
     min_clients: int = setting(2, help="replies a training round needs to be aggregated (at most the clients there are)")
     wait_for_clients: int = setting(0, help="clients connected before round 1 starts, when more than min_clients")
     proximal_mu: float = setting(0.01, help="FedProx proximal term")
-    server_learning_rate: float = setting(0.01, flag="--server-lr", help="FedAdam/FedAvgM server learning rate (eta)")
+    server_learning_rate: float = setting(
+        0.01, flag="--server-lr", help="server learning rate: FedAdam's eta, or FedAvgM's step (1.0: plain FedAvg)"
+    )
     server_momentum: float = setting(0.0, help="FedAvgM server momentum")
     round_timeout: float = setting(3600.0, help="seconds each phase (train, evaluate) of a round waits for clients")
     round_retries: int = setting(1, help="times a round too few clients answered is sent again before the run stops")

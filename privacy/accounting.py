@@ -99,7 +99,8 @@ def _calibrate_pld(target_epsilon: float, delta: float, sample_rate: float, step
     import dp_accounting
 
     def steps_at(z: float) -> dp_accounting.DpEvent:
-        return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(z)), steps)
+        step = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(z))
+        return dp_accounting.SelfComposedDpEvent(step, steps)
 
     def accountant(grid: float) -> Callable[[], dp_accounting.PrivacyAccountant]:
         return lambda: dp_accounting.pld.PLDAccountant(value_discretization_interval=grid)

@@ -27,8 +27,9 @@ def make_private(
     """Wrap for DP-SGD with Poisson sampling; `engine.accountant.history` then holds old + new steps.
 
     A list of norms clips each parameter apart (Opacus' per-layer clipping, in the optimizer's parameter
-    order); the noise then scales with the norms' L2 norm. With grad_sample_mode "ghost" (ghost clipping: per-sample gradient norms without per-sample gradients)
-    the last element is the loss to train with (it runs both backward passes); otherwise it is None.
+    order); the noise then scales with the norms' L2 norm. With grad_sample_mode "ghost" (ghost clipping:
+    per-sample gradient norms without per-sample gradients) the last element is the loss to train with (it
+    runs both backward passes); otherwise it is None.
     """
     with warnings.catch_warnings():
         # Opacus reminds on every construction that secure_mode (torchcsprng) is off; fedtune

@@ -11,8 +11,14 @@ from tests.conftest import TINY_LABELS, sentiment_rows
 
 @pytest.mark.parametrize(
     "lora,batch_size,pooler,head_clip_share",
-    [(True, 8, "auto", 0), (False, 8, "auto", 0), (False, 1, "auto", 0), (True, 8, "mean", 0), (False, 8, "mean", 0),
-     (True, 8, "mean", 0.25)],  # fmt: skip
+    [
+        (True, 8, "auto", 0),
+        (False, 8, "auto", 0),
+        (False, 1, "auto", 0),
+        (True, 8, "mean", 0),
+        (False, 8, "mean", 0),
+        (True, 8, "mean", 0.25),
+    ],  # fmt: skip
     # batch 1 of 40 rows: Poisson sampling draws many empty batches, each a noise-only step (ghost clipping
     # has no path for them in Opacus; fedtune's does).
     ids=[
@@ -230,9 +236,7 @@ def test_the_head_and_the_adapters_are_clipped_apart_with_the_same_total_norm(ti
         params = [p for _, p in head + rest]
         optimizer = torch.optim.SGD([{"params": [p for _, p in head]}, {"params": [p for _, p in rest]}], lr=1.0)
         loader = make_loader(data, tokenizer, 2, shuffle=False)
-        runner, optimizer, _, _, _ = make_private(
-            model, optimizer, loader, noise_multiplier=0.0, max_grad_norm=norms, history=[]
-        )
+        runner, optimizer, _, _, _ = make_private(model, optimizer, loader, noise_multiplier=0.0, max_grad_norm=norms, history=[])
         before = {n: p.detach().clone() for n, p in head + rest}
         with warnings.catch_warnings():  # frozen embeddings under LoRA: no hooked input requires grad
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
