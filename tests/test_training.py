@@ -201,7 +201,8 @@ def test_the_cosine_schedule_scales_both_learning_rates_by_the_round(tiny_model_
         return {k: v.numpy() for k, v in reply.content["arrays"].items()}
 
     scheduled, constant = trained(lr_schedule="cosine"), trained()
-    scaled = trained(learning_rate=0.05 * 0.75, head_learning_rate=2.0 * 0.75)
+    default = TrainSpec()
+    scaled = trained(learning_rate=default.learning_rate * 0.75, head_learning_rate=default.head_learning_rate * 0.75)
     for name, value in scaled.items():
         np.testing.assert_allclose(scheduled[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
     assert any(not np.allclose(scheduled[k], constant[k]) for k in constant)
