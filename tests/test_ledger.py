@@ -70,6 +70,19 @@ def test_declined_round_records_nothing_and_says_why(tmp_path: Path) -> None:
     )
 
 
+def test_a_ledger_written_under_rdp_keeps_composing_under_the_default_accountant(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l.json")
+    old = ledger.reserve("sha256:a", [(1.0, 0.1, 50)], budget=8.0, delta=DELTA, accountant="rdp", run_id="old", round_id=1)
+    new = ledger.reserve("sha256:a", [(1.0, 0.1, 50)], budget=8.0, delta=DELTA, accountant="pld", run_id="new", round_id=1)
+    assert new.granted and ledger.history("sha256:a") == [(1.0, 0.1, 50), (1.0, 0.1, 50)]
+    # The old round counts in full, recomputed by the accountant in use: PLD is tighter than RDP on it.
+    assert new.epsilon_before == pytest.approx(epsilon_spent([(1.0, 0.1, 50)], DELTA, "pld"))
+    assert new.epsilon_before < old.epsilon_after
+    assert new.epsilon_after == pytest.approx(epsilon_spent([(1.0, 0.1, 100)], DELTA, "pld"))
+    (summary,) = ledger.summary()
+    assert summary["accountant"] == "pld" and summary["spent"] == pytest.approx(new.epsilon_after)
+
+
 def test_corrupt_ledger_refuses_instead_of_starting_from_zero(tmp_path: Path) -> None:
     path = tmp_path / "l.json"
     path.write_text("{not json")
