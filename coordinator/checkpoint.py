@@ -18,8 +18,10 @@ from fedtune.coordinator.rounds import strategy_chain
 from fedtune.privacy.at_rest import fsync_dir, write_atomic
 
 # Strategy attributes that carry state from round to round: the server optimiser's moments of the
-# FedOpt family (FedAdam: m_t, v_t). FedAvg, FedProx and the robust strategies keep none.
-STATE_ATTRS = ("m_t", "v_t")
+# FedOpt family (FedAdam: m_t, v_t, dicts by array name) and FedAvgM's momentum (a list in the arrays' order).
+# FedAvg, FedProx and the robust strategies keep none.
+STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
+LISTS = ("momentum_vector",)  # kept as {"0": ..., "1": ...} and restored as a list
 KEEP = 2  # checkpoints kept; older ones are removed once a newer one is complete
 
 
@@ -45,7 +47,8 @@ def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
         for attr in STATE_ATTRS:
             value = getattr(s, attr, None)
             if value:
-                out[attr] = {k: np.asarray(v) for k, v in value.items()}
+                items = enumerate(value) if attr in LISTS else value.items()
+                out[attr] = {str(k): np.asarray(v) for k, v in items}
     return out
 
 
@@ -53,7 +56,7 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, dict[str, np.nda
     for s in strategy_chain(strategy):
         for attr, value in state.items():
             if hasattr(s, attr):
-                setattr(s, attr, dict(value))
+                setattr(s, attr, [value[str(i)] for i in range(len(value))] if attr in LISTS else dict(value))
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:

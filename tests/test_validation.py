@@ -156,3 +156,22 @@ def test_fedavgm_steps_the_server_learning_rate_times_the_mean_update_with_momen
     strategy.current = arrays
     arrays, _ = strategy.aggregate_train(2, [reply(0, {"w": torch.full((4,), 0.7)}), reply(1, {"w": torch.full((4,), 0.7)})])
     assert np.allclose(arrays["w"].numpy(), 0.6 + 3.0 * (0.1 + 0.5 * 0.2))  # round 2's update plus half of round 1's
+
+
+def test_fedavgm_momentum_survives_a_checkpoint() -> None:
+    from pathlib import Path
+
+    from fedtune.client.model import ModelSpec
+    from fedtune.coordinator.checkpoint import restore_strategy_state, strategy_state
+    from fedtune.coordinator.config import CoordinatorConfig
+    from fedtune.coordinator.strategy import build_strategy
+
+    cfg = CoordinatorConfig(
+        labels=("a", "b"), out_dir=Path("unused"), model=ModelSpec(), strategy="fedavgm", server_momentum=0.9
+    )
+    saved = build_strategy(cfg, 2)
+    saved.momentum_vector = [np.full(3, 0.5, np.float32), np.arange(2, dtype=np.float32)]
+    resumed = build_strategy(cfg, 2)
+    assert resumed.momentum_vector is None
+    restore_strategy_state(resumed, strategy_state(saved))
+    assert [v.tolist() for v in resumed.momentum_vector] == [[0.5, 0.5, 0.5], [0.0, 1.0]]
