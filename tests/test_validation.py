@@ -166,9 +166,7 @@ def test_fedavgm_momentum_survives_a_checkpoint() -> None:
     from fedtune.coordinator.config import CoordinatorConfig
     from fedtune.coordinator.strategy import build_strategy
 
-    cfg = CoordinatorConfig(
-        labels=("a", "b"), out_dir=Path("unused"), model=ModelSpec(), strategy="fedavgm", server_momentum=0.9
-    )
+    cfg = CoordinatorConfig(labels=("a", "b"), out_dir=Path("unused"), model=ModelSpec(), strategy="fedavgm", server_momentum=0.9)
     saved = build_strategy(cfg, 2)
     saved.momentum_vector = [np.full(3, 0.5, np.float32), np.arange(2, dtype=np.float32)]
     resumed = build_strategy(cfg, 2)
