@@ -125,8 +125,13 @@ def _calibrate_pld(target_epsilon: float, delta: float, sample_rate: float, step
             f"no noise level reaches epsilon={target_epsilon} (delta={delta}) over {steps} steps at sample rate "
             f"{sample_rate:.4g}: raise the budget or train fewer rounds/epochs"
         )
-    z = search(PLD_GRID, dp_accounting.ExplicitBracketInterval(0.8 * rough, rough))
-    return float(rough if z is None else z)  # None: the answer is at `rough` (to within the tolerance)
+    # The coarse grid's excess grows with the number of steps (epsilon 1.31 instead of 1.00 at z=1.97, q=0.01,
+    # 5000 steps): move the bracket's low end down until its epsilon is over the target.
+    low = 0.8 * rough
+    while low > MIN_NOISE and _pld_epsilon({(low, sample_rate): steps}, delta) <= target_epsilon:
+        low = max(MIN_NOISE, low / 2)
+    z = search(PLD_GRID, dp_accounting.ExplicitBracketInterval(low, rough))
+    return float(rough if z is None else z)  # None: no root in the bracket, the answer is at one end
 
 
 def _pld_epsilon(merged: dict[tuple[float, float], int], delta: float) -> float:

@@ -7,7 +7,8 @@ import pytest
 from fedtune.privacy import DEFAULT_ACCOUNTANT, PrivacyBudgetError, calibrate_noise, epsilon_spent
 from tests.independent_accounting import PRV_AGREEMENT, google_pld, google_rdp, opacus_prv
 
-CASES = [(8.0, 0.2, 25), (3.0, 0.05, 100), (1.0, 0.01, 500), (8.0, 0.008, 375), (50.0, 1.0, 3)]
+# The last two: many steps, where a coarse grid over-states epsilon by 30% (a reviewer found 0.72 for 1.0).
+CASES = [(8.0, 0.2, 25), (3.0, 0.05, 100), (1.0, 0.01, 500), (8.0, 0.008, 375), (50.0, 1.0, 3), (1.0, 0.01, 2000)]
 
 
 @pytest.mark.parametrize("target,q,steps", CASES)
