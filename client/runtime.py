@@ -131,7 +131,7 @@ class ClientRuntime:
                     reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
                     details = reason
             ran = time.monotonic()
-            push_message(client, reply, context)
+            push_reply(self.address, token, reply, context)
             # The task's timeline, for this log only: where a round's fixed cost goes (benchmarks/p6).
             print(
                 f"{message.metadata.message_type} task of run {run.run_id}: pulled {pulled - began:.2f} s, "
@@ -144,6 +144,28 @@ class ClientRuntime:
             stop_heartbeat.set()
             push_task_output(client=client, context=context, sub_status=status, details=details)
             client.close()
+
+
+def push_reply(address: str, token: str, reply: Message, context: Context) -> None:
+    """Push a task's reply on a fresh connection, once more on a transport error.
+
+    Why: the SuperNode's HTTP server (uvicorn) closes a connection idle for 5 s, and a request sent on it as it
+    closes gets no answer (httpx RemoteProtocolError). The task's connection sat idle while the round trained:
+    one of the load test's 20 clients lost its round-1 update this way, and the round waited for it in vain.
+    """
+    for attempt in (1, 2):
+        pusher = _client(
+            address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)]
+        )
+        try:
+            push_message(pusher, reply, context)
+            return
+        except httpx.TransportError as err:
+            if attempt == 2:
+                raise
+            log.warning("pushing the reply failed (%s); pushing it again", type(err).__name__)
+        finally:
+            pusher.close()
 
 
 def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
@@ -174,6 +196,8 @@ def _heartbeat(client: RuntimeHttpClient, stop: threading.Event) -> None:
         try:
             if not client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
                 return
+        except httpx.TransportError:  # a connection closed under it (see push_reply): the next beat opens another
+            continue
         except httpx.HTTPError:
             return
 
