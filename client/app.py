@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedtune.client import wire
+from fedtune.client.canaries import GradientCanaries
 from fedtune.client.config import ClientConfig
 from fedtune.client.evaluate import evaluate
 from fedtune.client.local_data import NODE_DATA, DataFn, LocalData
@@ -103,7 +104,13 @@ def privacy_report(cfg: ClientConfig, budget: Budget, history: History, epsilon:
 
 
 def train_locally(
-    cfg: ClientConfig, data: LocalData, task: wire.Task, plan: RoundPlan | None, history: History, cid: int
+    cfg: ClientConfig,
+    data: LocalData,
+    task: wire.Task,
+    plan: RoundPlan | None,
+    history: History,
+    cid: int,
+    canaries: GradientCanaries | None = None,
 ) -> tuple[dict[str, torch.Tensor], RoundOutcome]:
     """The global model, trained one round on this node's data: (its travelling weights, the round's outcome)."""
     model = build_model(cfg.model, cfg.labels)
@@ -118,6 +125,7 @@ def train_locally(
         proximal_mu=task.proximal_mu,
         lr_scale=round_lr_scale(cfg.train.lr_schedule, task.server_round, task.num_rounds),
         seed=cfg.train.seed * 100_003 + cid * 1_009 + task.server_round,
+        canaries=canaries,
     )
     return trainable_state(model), outcome
 
@@ -129,8 +137,11 @@ def handle_train(
     data_fn: DataFn,
     budgets: Mapping[int, float],
     ledger_path: str | None = None,
+    canaries: Mapping[int, GradientCanaries] | None = None,
 ) -> Message:
-    """One round: check the budget, train, and reply with the trained weights and aggregate metrics."""
+    """One round: check the budget, train, and reply with the trained weights and aggregate metrics.
+
+    `canaries`: an audit's gradient canaries, by the client that plants them (a simulation's --audit)."""
     cfg.train.use_threads()
     task = wire.Task.from_content(msg.content)
     cid = client_id(context)
@@ -155,7 +166,7 @@ def handle_train(
             report = privacy_report(cfg, budget, history, spent, ledger is not None)
             return wire.TrainReply(cid, declined=True, privacy=report).to_message(reply_to=msg)
     began = time.perf_counter()
-    weights, outcome = train_locally(cfg, data, task, budget.plan if budget else None, history, cid)
+    weights, outcome = train_locally(cfg, data, task, budget.plan if budget else None, history, cid, (canaries or {}).get(cid))
     seconds = time.perf_counter() - began
     save_history(context, outcome.history)
     report = None
@@ -206,19 +217,21 @@ def make_client_app(
     budgets: Mapping[int, float] | None = None,
     mods: Sequence[Mod] = (),
     ledger: str | None = None,
+    canaries: Mapping[int, GradientCanaries] | None = None,
 ) -> ClientApp:
     """The ClientApp for data holders whose examples `data_fn` loads on their own host.
 
     `budgets` overrides the epsilon budget of individual clients (by client id); `mods` are
     Flower client mods applied to every message; `ledger` is a privacy ledger file shared by the
-    simulated data holders (each keyed by its data's fingerprint).
+    simulated data holders (each keyed by its data's fingerprint); `canaries` are an audit's gradient
+    canaries, by the client id that plants them (simulations/audit.py; never set by anything received).
     """
     app = ClientApp(mods=list(mods))
     budgets = dict(budgets or {})
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, cfg, data_fn, budgets, ledger)
+        return handle_train(msg, context, cfg, data_fn, budgets, ledger, canaries)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

@@ -1,4 +1,5 @@
-"""Evaluate on encoded examples: a classifier's loss, accuracy, macro-F1, P/R and confusion matrix; a causal LM's perplexity."""
+"""Evaluate on encoded examples: a classifier's loss, accuracy, macro-F1, P/R and confusion matrix; a causal LM's
+perplexity; each row's own loss."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.client import wire
-from fedtune.client.causal_lm import evaluate_lm
+from fedtune.client.causal_lm import evaluate_lm, token_losses
 from fedtune.client.train import Encoded, forward, make_loader
 
 
@@ -28,6 +29,26 @@ def predict(
     unsort = np.argsort(order)
     y, p = np.concatenate(labels)[unsort], np.concatenate(preds)[unsort]
     return y, p, loss_sum / len(y)
+
+
+@torch.no_grad()
+def row_losses(
+    model: torch.nn.Module, data: Encoded, tokenizer: PreTrainedTokenizerBase, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """Each row's loss, in the order of `data`: a classifier's cross-entropy of the row's label, a causal LM's
+    mean loss over the row's scored tokens."""
+    model.to(device).eval()
+    order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))
+    losses = []
+    for batch in make_loader([data[i] for i in order], tokenizer, batch_size, shuffle=False):
+        labels = batch.pop("labels").to(device)
+        logits = forward(model, batch, device).logits
+        if labels.dim() == 2:  # a causal LM's labels are per token
+            summed, counts = token_losses(logits, labels)
+            losses.append((summed / counts.clamp(min=1)).cpu().numpy())
+        else:
+            losses.append(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none").cpu().numpy())
+    return np.concatenate(losses)[np.argsort(order)] if losses else np.zeros(0)
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray, num_labels: int) -> dict[str, float | list[float]]:

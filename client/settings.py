@@ -30,11 +30,13 @@ def setting(
     scope: str = RUN,
     metavar: str | None = None,
     cli: bool = True,
+    const: Any = None,
 ) -> Any:
     """A setting: a dataclass field whose metadata says how users name it.
 
     `key` is its public name (TOML key; default the field name), `flag` its command-line flag (default
-    `--` + key with dashes; `--no-KEY` for a setting on by default), `aliases` older TOML keys still read.
+    `--` + key with dashes; `--no-KEY` for a setting on by default), `aliases` older TOML keys still read;
+    `const` is the value of the flag given without one (`--audit` for `--audit 1000`).
     """
     metadata = {
         "help": help,
@@ -45,6 +47,7 @@ def setting(
         "scope": scope,
         "metavar": metavar,
         "cli": cli,
+        "const": const,
     }
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -191,6 +194,8 @@ def add_flags(parser: argparse.ArgumentParser, fields: Iterable[dataclasses.Fiel
             parser.add_argument(flag(f), action="append", metavar=f.metadata["metavar"], **common)
         else:
             metavar = f.metadata["metavar"] or {"int": "N", "float": "X"}.get(kind(f), key(f).upper())
+            if f.metadata.get("const") is not None:
+                common |= {"nargs": "?", "const": str(f.metadata["const"])}
             parser.add_argument(flag(f), metavar=metavar, **common)
 
 

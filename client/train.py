@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from fedtune.client.canaries import CanaryPlanter, GradientCanaries
 from fedtune.client.causal_lm import IGNORE, encode_lm, row_mean_loss
 from fedtune.client.config import ClientConfig
 from fedtune.client.model import is_head_parameter
@@ -153,13 +154,16 @@ def _step(
     params: list[torch.nn.Parameter],
     max_grad_norm: float,
     position_ids: bool,
+    planter: CanaryPlanter | None = None,
 ) -> tuple[float, int]:
     """One optimizer step on a sampled batch, run as `passes` (one noise draw under DP).
 
     Returns (summed loss, rows). Under DP the earlier passes go through Opacus' skip-step path (its virtual
     steps): each row is clipped once and the clipped sums carry over to the one noisy step of the batch.
+    An audited client's `planter` adds its sampled gradient canaries to the batch (client/canaries.py).
     """
     rows = sum(p["labels"].shape[0] for p in passes)
+    canaries = planter.sample() if planter is not None else None
     loss_sum = 0.0
     optimizer.zero_grad(set_to_none=True)
     for i, part in enumerate(passes):
@@ -174,9 +178,13 @@ def _step(
             if n := part["labels"].shape[0]:  # an empty batch's mean loss is NaN
                 loss_sum += float(loss.detach()) * n
         if dp:
+            if planter is not None and i == len(passes) - 1:
+                planter.add_per_sample(canaries)
             optimizer.signal_skip_step(do_skip=i < len(passes) - 1)
             optimizer.step()
     if not dp:  # clip the batch gradient so that the same learning rate is stable without DP
+        if planter is not None:
+            planter.add_to_mean(canaries, rows)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
     return loss_sum, rows
@@ -195,6 +203,15 @@ def clipping_norms(cfg: ClientConfig, head: int, adapters: int) -> float | list[
     if share == 0 or head == 0 or adapters == 0 or not cfg.model.lora:  # ghost clipping (full fine-tuning) is flat only
         return norm
     return [norm * math.sqrt(share / head)] * head + [norm * math.sqrt((1 - share) / adapters)] * adapters
+
+
+def tensor_clip_norms(cfg: ClientConfig, names: list[str]) -> dict[str, float] | None:
+    """Each trainable tensor's own clipping norm, head first then the rest (the optimizer's parameter order),
+    or None when one flat norm clips them all (`clipping_norms`)."""
+    head = [n for n in names if is_head_parameter(n)]
+    rest = [n for n in names if not is_head_parameter(n)]
+    norms = clipping_norms(cfg, len(head) if head and rest else 0, len(rest) or len(head))
+    return None if isinstance(norms, float) else dict(zip(head + rest, norms, strict=True))
 
 
 def round_lr_scale(schedule: str, server_round: int, num_rounds: int) -> float:
@@ -216,10 +233,12 @@ def train_round(
     proximal_mu: float = 0.0,
     lr_scale: float = 1.0,
     seed: int = 0,
+    canaries: GradientCanaries | None = None,
 ) -> RoundOutcome:
     """Train `model` in place for the configured local epochs; DP-SGD when `plan` is given.
 
-    `lr_scale` multiplies both learning rates (the round's place in the run's schedule, `round_lr_scale`).
+    `lr_scale` multiplies both learning rates (the round's place in the run's schedule, `round_lr_scale`);
+    `canaries` are an audit's gradient canaries, planted in every step's batch (simulations/audit.py).
     """
     torch.manual_seed(seed)
     device = cfg.train.torch_device()
@@ -238,20 +257,26 @@ def train_round(
         optimizer = torch.optim.SGD(groups, momentum=0.9)
     loader = make_loader(data, tokenizer, cfg.train.batch_size, shuffle=True)
     runner, engine, criterion = model, None, None
+    norms = tensor_clip_norms(cfg, [n for n, _ in named])  # in the optimizer's order: the head's group first
     if plan is not None:
         runner, optimizer, loader, engine, criterion = make_private(
             model,
             optimizer,
             loader,
             noise_multiplier=plan.noise_multiplier,
-            # In the optimizer's parameter order: the head's group first, then the rest.
-            max_grad_norm=clipping_norms(cfg, len(groups[0]["params"]) if len(groups) == 2 else 0, len(groups[-1]["params"])),
+            max_grad_norm=cfg.privacy.max_grad_norm if norms is None else list(norms.values()),
             history=history,
             # Measured (benchmarks/p1_dp_overhead.py, MiniLM): for LoRA, Opacus' hooks cost 1.01x a
             # non-DP step and ghost clipping 1.4x; for full fine-tuning hooks cost 3.2x and 5.8 GB, ghost
             # clipping 1.8x and 1.8 GB (it never materialises per-sample gradients of the embeddings).
             grad_sample_mode="hooks" if cfg.model.lora else "ghost",
         )
+    planter = None
+    if canaries is not None:
+        if criterion is not None:
+            raise ValueError("gradient canaries need per-sample gradients (LoRA); full fine-tuning uses ghost clipping")
+        rate = plan.sample_rate if plan is not None else 1.0 / max(len(loader), 1)
+        planter = CanaryPlanter(canaries, named, rate, seed, None if plan is not None else cfg.privacy.max_grad_norm)
     # Ghost clipping runs its own two backward passes per loss, so it takes a batch in one pass.
     rows_per_pass = cfg.train.physical_batch_size if criterion is None else 0
     position_ids = takes_position_ids(model)  # once per round, not once per batch
@@ -264,7 +289,7 @@ def train_round(
             for batch in loader:
                 passes = length_grouped(batch, rows_per_pass)
                 loss_sum, rows = _step(
-                    runner, optimizer, passes, dp, device, criterion, params, cfg.privacy.max_grad_norm, position_ids
+                    runner, optimizer, passes, dp, device, criterion, params, cfg.privacy.max_grad_norm, position_ids, planter
                 )
                 total_loss, seen, steps = total_loss + loss_sum, seen + rows, steps + 1
                 tokens += int(batch["attention_mask"].sum())

@@ -28,7 +28,13 @@ from fedtune.coordinator.checkpoint import (
 from fedtune.coordinator.config import CoordinatorConfig
 from fedtune.coordinator.report import RunRecorder, write_json
 from fedtune.coordinator.rounds import JoinTimeout, RoundFailed, RoundHooks, RoundPolicy, run_rounds, wait_for_clients
-from fedtune.coordinator.strategy import CheckedStrategy, build_strategy, client_level_epsilon, sampled_per_round
+from fedtune.coordinator.strategy import (
+    CheckedStrategy,
+    UpdateObserver,
+    build_strategy,
+    client_level_epsilon,
+    sampled_per_round,
+)
 
 # Central evaluation: given the global model, return metrics such as accuracy, macro-f1 and loss.
 Evaluator = Callable[[torch.nn.Module], dict[str, Any]]
@@ -74,8 +80,13 @@ class _Hooks(RoundHooks):
         )
 
 
-def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None) -> dict[str, Any]:
-    """Run every round on `grid` (from the checkpoint when cfg.resume), then write results, plots and the model."""
+def run_federation(
+    grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None, observer: UpdateObserver | None = None
+) -> dict[str, Any]:
+    """Run every round on `grid` (from the checkpoint when cfg.resume), then write results, plots and the model.
+
+    `evaluator` scores the global model after every round (and before the first); `observer` sees every
+    accepted client update."""
     ckpt = load_checkpoint(cfg.out_dir) if cfg.resume else None
     if ckpt is not None:
         check_settings(ckpt.settings, resume_settings(cfg))
@@ -105,6 +116,7 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
             client_of=lambda node: partitions.get(node, wire.node_client_id(node)),
             num_labels=0 if cfg.model.causal_lm else len(cfg.labels),
             max_length=cfg.model.max_length,
+            observe=observer,
         )
         if ckpt is not None:
             restore_strategy_state(strategy, ckpt.strategy_state)
@@ -157,24 +169,28 @@ def run_federation(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluat
 STOPPED_FILE = "stopped.json"  # why a run stopped early; the CLI that started it shows this sentence
 
 
-def federate(grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None) -> dict[str, Any]:
+def federate(
+    grid: Grid, cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None, observer: UpdateObserver | None = None
+) -> dict[str, Any]:
     """run_federation, leaving the reason in the run folder when the run has to stop (in deployment the
     ServerApp's exceptions do not reach `fedtune-coordinator start`: Flower runs it in another process)."""
     (cfg.out_dir / STOPPED_FILE).unlink(missing_ok=True)
     try:
-        return run_federation(grid, cfg, num_clients, evaluator)
+        return run_federation(grid, cfg, num_clients, evaluator, observer)
     except (RoundFailed, JoinTimeout, CheckpointError) as err:
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(cfg.out_dir / STOPPED_FILE, {"reason": str(err)})
         raise
 
 
-def make_server_app(cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None = None) -> ServerApp:
-    """A ServerApp that waits for `num_clients` clients and runs the configured federation."""
+def make_server_app(
+    cfg: CoordinatorConfig, num_clients: int, evaluator: Evaluator | None = None, observer: UpdateObserver | None = None
+) -> ServerApp:
+    """A ServerApp that waits for `num_clients` clients and runs the configured federation (`run_federation`)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        federate(grid, cfg, num_clients, evaluator)
+        federate(grid, cfg, num_clients, evaluator, observer)
 
     return app

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedtune.client import wire
+from fedtune.client.update_codec import Tensors
 from fedtune.coordinator.config import CoordinatorConfig
 from fedtune.coordinator.replies import (
     Rejected,
@@ -39,6 +40,9 @@ ClientReport = dict[str, float]  # a train reply's metrics as the client sent th
 ReportSink = Callable[[int, dict[int, ClientReport]], None]
 # Called with (round, phase, client id, reason) for every reply kept out of aggregation as invalid.
 RejectionSink = Callable[[int, str, int, str], None]
+# Called with (round, client id, the global weights sent, the client's new weights) for every accepted update:
+# exactly what the coordinator sees of a client (an empirical privacy audit scores it, simulations/audit.py).
+UpdateObserver = Callable[[int, int, Tensors, Tensors], None]
 
 
 def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -154,6 +158,7 @@ class CheckedStrategy(Strategy):
         client_of: Callable[[int], int] = wire.node_client_id,
         num_labels: int | None = None,
         max_length: int | None = None,
+        observe: UpdateObserver | None = None,
     ) -> None:
         self.inner = inner
         self.sink = sink
@@ -163,6 +168,7 @@ class CheckedStrategy(Strategy):
         self.client_of = client_of
         self.num_labels = num_labels
         self.max_length = max_length  # tokens per row: bounds what a causal LM's evaluation may claim
+        self.observe = observe
         self.current: ArrayRecord | None = None  # the global model of the round in progress
         self.encoding = "float32"  # the update encoding the round's task asked for
 
@@ -195,6 +201,8 @@ class CheckedStrategy(Strategy):
             reports[cid] = reply
             if weights is not None:  # a declined client sends none; averaging it in would drag the model back
                 kept.append(for_aggregation(msg, reply, weights))
+                if self.observe is not None:
+                    self.observe(server_round, cid, base, weights)
         self.sink(server_round, {cid: reply.metrics() for cid, reply in reports.items()})
         trained = [self.client_of(m.metadata.src_node_id) for m in kept if not m.has_error()]
         if not trained:

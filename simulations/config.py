@@ -16,6 +16,11 @@ from fedtune.simulations.datasets import DataSpec
 
 T = TypeVar("T")
 
+# 1000 canaries: the most a one-run audit can show grows with their number (every guess right: epsilon >= 3.7 with
+# 200, 5.3 with 1000), while ~500 planted rows already double the audited client's share of the default data.
+AUDIT_CANARIES = 1000
+MIN_CANARIES = 10
+
 
 class SimulationConfigError(ConfigError):
     """The simulation configuration is invalid; the message says which setting and why."""
@@ -38,6 +43,12 @@ class SimulationRun:
         "default: a private Ray instance on 127.0.0.1 for this run only",
     )
     verbose: bool = setting(False, help="show Flower's and Ray's logs")
+    audit: int = setting(
+        0,
+        const=AUDIT_CANARIES,
+        help=f"plant N canaries in client 0's data (a bare --audit: {AUDIT_CANARIES}) and bound its epsilon from below "
+        "empirically; writes audit.json (0: no audit)",
+    )
 
 
 # Every role a simulation plays, in the order --help lists their settings.
@@ -132,6 +143,20 @@ def build_config(file_settings: dict[str, Any], flag_settings: dict[str, Any]) -
         (
             all(0 <= k < cfg.num_clients for k in cfg.client_budgets),
             f"client budgets name clients outside 0..{cfg.num_clients - 1}: {sorted(cfg.client_budgets)}",
+        ),
+        (
+            cfg.audit == 0 or cfg.audit >= MIN_CANARIES,
+            f"--audit needs at least {MIN_CANARIES} canaries (or 0 for no audit), got {cfg.audit}",
+        ),
+        (
+            not (cfg.audit and cfg.dp and not cfg.lora),
+            "--audit needs LoRA under DP: its gradient canaries join Opacus' per-sample gradients, which full "
+            "fine-tuning never forms (ghost clipping); drop --full-finetune",
+        ),
+        (
+            not (cfg.audit and cfg.ledger),
+            "--audit compares this run's epsilon with what it can show; a shared --ledger would add earlier runs' "
+            "spending to the claim: drop --ledger",
         ),
     ]
     for ok, message in checks:

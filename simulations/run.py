@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 import transformers
 from flwr.clientapp.typing import Mod
 from rich.console import Console
@@ -32,6 +33,7 @@ from fedtune.coordinator.checkpoint import CheckpointError, check_settings, load
 from fedtune.coordinator.config import CoordinatorConfig
 from fedtune.coordinator.rounds import JoinTimeout, RoundFailed
 from fedtune.privacy.at_rest import write_atomic
+from fedtune.simulations.audit import AUDITED_CLIENT, CanaryAudit, print_audit, write_audit
 from fedtune.simulations.config import SimulationConfig, SimulationConfigError, role
 from fedtune.simulations.datasets import DataSpec, PartitionData
 
@@ -158,6 +160,14 @@ def simulate(
             "classification to train one on it, or drop --labels to fine-tune it as a generative model"
         )
     cfg = dataclasses.replace(cfg, task=task)
+    if cfg.audit and resume:
+        raise SimulationConfigError(
+            "an audited run cannot be resumed: its canary scores lived in the stopped process; start the audit anew"
+        )
+    if cfg.audit:
+        # Every planted canary is trained on (none kept for the local evaluation, whose metrics DP-SGD does not
+        # cover: docs/security.md); the audit measures what DP-SGD promises.
+        cfg = dataclasses.replace(cfg, eval_fraction=0.0)
     causal_lm = role(ModelSpec, cfg).causal_lm
     data_fn = PartitionData(role(DataSpec, cfg), causal_lm)  # loads here once; Ray's workers get the loaded copy
     pool, held_out, labels = data_fn.split()  # fails here, before any worker starts, on bad data
@@ -217,6 +227,13 @@ def simulate(
         sample_prompts=sample_prompts(held_out) if causal_lm else (),
         sample_chat="prompt" in held_out.column_names,
     )
+    device = ccfg.train.torch_device()
+    audit = CanaryAudit(cfg.audit, pool, ccfg, cfg.seed, device) if cfg.audit else None  # may refuse the count
+    if audit is not None:
+        console.print(
+            f"audit: {sum(audit.gradient.included)} of {cfg.audit} gradient canaries and {int(audit.inputs.included.sum())} "
+            f"of {cfg.audit} input canaries ({audit.inputs.kind}) planted in client {AUDITED_CLIENT}'s data"
+        )
     if resume:  # fail here, before any worker starts, when the run cannot continue
         ckpt = load_checkpoint(out_dir)
         check_settings(ckpt.settings, resume_settings(coord))
@@ -224,11 +241,21 @@ def simulate(
     else:  # written only once every setting is known to be valid: a refused run leaves no folder behind
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / "config.json", json.dumps(cfg.to_json(), indent=1) + "\n")
-    device = ccfg.train.torch_device()
-    server_app = make_server_app(
-        coord, cfg.num_clients, evaluator=lambda model: evaluate(model, held_encoded, tokenizer, 64, device)
+
+    def evaluator(model: torch.nn.Module) -> dict[str, Any]:
+        if audit is not None:
+            audit.global_model(model)
+        return evaluate(model, held_encoded, tokenizer, 64, device)
+
+    server_app = make_server_app(coord, cfg.num_clients, evaluator, audit.observe if audit else None)
+    client_app = make_client_app(
+        ccfg,
+        audit.data_fn(data_fn) if audit else data_fn,
+        cfg.client_budgets,
+        client_mods,
+        ledger,
+        {AUDITED_CLIENT: audit.gradient} if audit else None,
     )
-    client_app = make_client_app(ccfg, data_fn, cfg.client_budgets, client_mods, ledger)
     gpus = cfg.gpus_per_client if cfg.gpus_per_client > 0 else (0.5 if device.type == "cuda" else 0.0)
     if not cfg.ray_address:
         _check_loopback()
@@ -249,4 +276,10 @@ def simulate(
     results_path = out_dir / "results.json"
     if not results_path.exists():
         raise RuntimeError(f"the simulation ended without writing {results_path}; rerun with --verbose for Flower's logs")
-    return json.loads(results_path.read_text())
+    results = json.loads(results_path.read_text())
+    if audit is not None:
+        report = audit.report(results, cfg.dp, cfg.delta)
+        write_audit(out_dir, report)
+        print_audit(report, console)
+        results["audit"] = report
+    return results

@@ -12,28 +12,32 @@ POSITIVE = ["good", "great", "lovely", "happy", "excellent", "nice", "wonderful"
 NEGATIVE = ["bad", "awful", "sad", "terrible", "horrible", "nasty", "poor", "dreadful"]
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer BERT with hidden size 32, saved like a pretrained model (random weights)."""
+def save_bert(out: Path, hidden: int) -> Path:
+    """A 2-layer BERT classifier with random weights and the bundled tokenizer, saved like a pretrained model."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     from fedtune.client.model import load_tokenizer
 
-    out = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = load_tokenizer("minilm")
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden,
         max_position_embeddings=128,
     )
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT with hidden size 32, saved like a pretrained model (random weights)."""
+    return save_bert(tmp_path_factory.mktemp("tiny-bert"), 32)
 
 
 def sentiment_rows(n: int, secret: str = "") -> list[tuple[str, str]]:

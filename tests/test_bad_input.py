@@ -48,6 +48,11 @@ SIMULATE: list[tuple[str, Setup, str]] = [
     ("flag model directory missing", flags("--model", "/nonexistent/model-dir"), "cannot load model"),
     ("flag dirichlet alpha", flags("--alpha", "0"), "alpha"),
     ("flag test dataset missing", flags("--test-dataset", "/nonexistent/dev.csv"), "dev.csv"),
+    ("flag audit with too few canaries", flags("--audit", "5"), "--audit needs at least 10 canaries"),
+    ("flag audit not a number", flags("--audit", "many"), "'audit': expected a whole number"),
+    ("flag audit of full fine-tuning under DP", flags("--audit", "--full-finetune"), "--audit needs LoRA under DP"),
+    ("flag audit with a shared ledger", flags("--audit", "--ledger", "l.json"), "drop --ledger"),
+    ("flag audit with more canaries than weights", flags("--audit", "100000"), "no trainable tensor has room"),
 ]
 
 

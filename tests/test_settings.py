@@ -36,6 +36,7 @@ OTHER: dict[str, Any] = {
     "device": "cpu",
     "model": "./my-model-dir",  # a path: a bare name would be looked up on the hub (slow offline)
     "wait_for_clients": 3,  # >= min_clients
+    "audit": 50,  # >= 10 canaries
     "budget_epsilon": 4.0,
     "client_budgets": {1: 0.5},
     "hosts": ("example.org",),
