@@ -114,8 +114,8 @@ def test_a_causal_lm_is_audited_with_secret_canaries_and_their_exposure(tiny_lla
     assert exposure["candidates"] == 100 - planted + 1
     assert 0 <= exposure["mean_bits"] <= exposure["max_observed_bits"] <= exposure["max_bits"]
     assert 1.3 < exposure["unexposed_mean_bits"] < 1.45  # chance, for ~50 candidates
-    # The tiny random Llama barely memorises a secret (its exposure stays near chance: 1.2-1.8 bits measured
-    # over four settings), but its updates carry the gradient canaries as plainly as a classifier's.
+    # The tiny random Llama barely memorises a secret (its exposure stays near chance: 1.2-1.9 bits measured
+    # over six settings), but its updates carry the gradient canaries as plainly as a classifier's.
     assert report["views"]["coordinator"]["epsilon_lower_bound"] > 1.5, report["views"]
 
 
