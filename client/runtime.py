@@ -56,7 +56,8 @@ log = logging.getLogger("fedtune.client")
 # cost 6.6% of a core per idle client (measured, 20 clients on 2 cores), so poll fast right after a task
 # (the next message of a round follows soon) and back off to 0.5 s while idle (~1.3% of a core).
 POLL_SECONDS = (0.1, 0.5)
-HEARTBEAT_SECONDS = 5.0
+# Under the SuperNode's HTTP keep-alive (uvicorn closes a connection idle for 5 s): a beat every 5 s met the close.
+HEARTBEAT_SECONDS = 3.0
 # A task is handed out before the SuperNode holds all of its message's objects. Flower's flwr-clientapp then
 # retries after 1 s, 2 s, ...: 1.2-3.4 s of each message's "pulled" time in runtime.log (measured, P6). A missing
 # object is asked for again after 50 ms, doubling up to 0.5 s.
@@ -102,10 +103,7 @@ class ClientRuntime:
 
     def run_task(self, token: str) -> None:
         """Pull one message with its context and app package, run it (or refuse it), push the reply."""
-        client = _client(
-            self.address,
-            [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
-        )
+        client = _task_client(self.address, token)
         stop_heartbeat = threading.Event()
         threading.Thread(target=_heartbeat, args=(client, stop_heartbeat), daemon=True).start()
         context: Context | None = None
@@ -131,7 +129,11 @@ class ClientRuntime:
                     reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
                     details = reason
             ran = time.monotonic()
-            push_reply(self.address, token, reply, context)
+            try:
+                push_reply(self.address, token, reply, context)
+            except Exception as err:
+                status, details = SubStatus.FAILED, f"the reply could not be pushed: {type(err).__name__}"
+                raise
             # The task's timeline, for this log only: where a round's fixed cost goes (benchmarks/p6).
             print(
                 f"{message.metadata.message_type} task of run {run.run_id}: pulled {pulled - began:.2f} s, "
@@ -142,8 +144,10 @@ class ClientRuntime:
             log.warning("task failed: %s: %s", type(err).__name__, err)
         finally:
             stop_heartbeat.set()
-            push_task_output(client=client, context=context, sub_status=status, details=details)
             client.close()
+            finisher = _task_client(self.address, token)  # fresh, as push_reply's (Flower logs its own errors)
+            push_task_output(client=finisher, context=context, sub_status=status, details=details)
+            finisher.close()
 
 
 def push_reply(address: str, token: str, reply: Message, context: Context) -> None:
@@ -154,9 +158,7 @@ def push_reply(address: str, token: str, reply: Message, context: Context) -> No
     one of the load test's 20 clients lost its round-1 update this way, and the round waited for it in vain.
     """
     for attempt in (1, 2):
-        pusher = _client(
-            address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)]
-        )
+        pusher = _task_client(address, token)
         try:
             push_message(pusher, reply, context)
             return
@@ -166,6 +168,11 @@ def push_reply(address: str, token: str, reply: Message, context: Context) -> No
             log.warning("pushing the reply failed (%s); pushing it again", type(err).__name__)
         finally:
             pusher.close()
+
+
+def _task_client(address: str, token: str) -> RuntimeHttpClient:
+    """A Runtime API client for one task, on its own connections."""
+    return _client(address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)])
 
 
 def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
