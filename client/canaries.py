@@ -87,5 +87,5 @@ class CanaryPlanter:
                 if name in self.coordinates:  # a sum over the canaries, never a row per canary (full fine-tuning)
                     index = torch.as_tensor(self.coordinates[name][sampled], device=p.device)
                     p.grad.view(-1).index_add_(
-                        0, index, torch.full((len(sampled),), self.value / total, device=p.device, dtype=p.dtype)
+                        0, index, torch.full((len(sampled),), self.value / total, device=p.device, dtype=p.grad.dtype)
                     )

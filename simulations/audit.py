@@ -129,22 +129,23 @@ class CanaryAudit:
         from fedtune.client.model import load_tokenizer
 
         self.cfg = cfg
-        self.inputs = make_canaries(count, pool, cfg.labels, seed)
         coins = np.random.default_rng([seed, GRADIENT_COINS]).random(count) < 0.5
         self.gradient = GradientCanaries(seed=seed, included=tuple(bool(c) for c in coins))
-        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(cfg.model.name)
-        self.encoded = encode(self.inputs.rows, self.tokenizer, cfg.model.max_length)
-        self.device = device
         self.model = build_model(cfg.model, cfg.labels)  # the auditor's copy, for scoring the input canaries
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.coordinates = self.gradient.coordinates({n: p.numel() for n, p in named})
-        largest = max(p.numel() for _, p in named)
-        if not self.coordinates:
+        if not self.coordinates:  # refused before any input canary is made and tokenised
+            largest = max(p.numel() for _, p in named)
             raise SimulationConfigError(
                 f"--audit {count}: no trainable tensor has room for the gradient canaries (the largest holds "
                 f"{largest} weights; at most {2 * largest} canaries)"
             )
-        norms = tensor_clip_norms(cfg, [n for n, _ in named])
+        self.inputs = make_canaries(count, pool, cfg.labels, seed)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(cfg.model.name)
+        self.encoded = encode(self.inputs.rows, self.tokenizer, cfg.model.max_length)
+        self.device = device
+        # Without DP nothing clips per row: a canary is spread evenly (client/canaries.py), as under one flat norm.
+        norms = tensor_clip_norms(cfg, [n for n, _ in named]) if cfg.privacy.enabled else None
         # The share of the clipping norm's square a canary fills: all of it under one flat norm; under per-tensor
         # norms, the squares of the tensors it has a coordinate in.
         share = 1.0 if norms is None else sum(norms[n] ** 2 for n in self.coordinates) / cfg.privacy.max_grad_norm**2
@@ -211,12 +212,17 @@ class CanaryAudit:
         client = results.get("clients", {}).get(str(AUDITED_CLIENT), {})
         if not dp:
             note = "DP is off: no epsilon is claimed (infinite)"
-        elif "epsilon" not in client:
-            note = f"client {AUDITED_CLIENT} trained in no round: nothing to audit"
+        elif not client.get("rounds_trained"):
+            declined = client.get("rounds_declined", [])
+            note = (
+                f"client {AUDITED_CLIENT} trained in no round"
+                + (f" (declined {declined})" if declined else "")
+                + ": nothing to audit"
+            )
         else:
             note = "the audited client's epsilon for this run, as its accountant reports it"
         claimed = {
-            "epsilon": client.get("epsilon") if dp else None,
+            "epsilon": client.get("epsilon") if dp and client.get("rounds_trained") else None,
             "delta": delta if dp else None,
             "accountant": client.get("accountant") if dp else None,
             "note": note,

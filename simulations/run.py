@@ -232,7 +232,8 @@ def simulate(
     if audit is not None:
         console.print(
             f"audit: {sum(audit.gradient.included)} of {cfg.audit} gradient canaries and {int(audit.inputs.included.sum())} "
-            f"of {cfg.audit} input canaries ({audit.inputs.kind}) planted in client {AUDITED_CLIENT}'s data"
+            f"of {cfg.audit} input canaries ({audit.inputs.kind}) planted in client {AUDITED_CLIENT}'s data; "
+            "no client keeps a local evaluation split (--eval-fraction 0)"
         )
     if resume:  # fail here, before any worker starts, when the run cannot continue
         ckpt = load_checkpoint(out_dir)
