@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from fedtune.client.canaries import GradientCanaries
 from fedtune.client.config import ClientConfig
 from fedtune.client.evaluate import row_losses
-from fedtune.client.model import build_model, is_head_parameter, load_trainable_state, trainable_state
+from fedtune.client.model import build_model, is_head_parameter, load_tokenizer, load_trainable_state, trainable_state
 from fedtune.client.train import encode, tensor_clip_norms
 from fedtune.coordinator.report import write_json
 from fedtune.privacy.audit import CONFIDENCE, GUESS_SHARES, exposure, one_run_audit
@@ -126,8 +126,6 @@ class CanaryAudit:
     by their loss under the initial and the final global model (what a black-box user of the model can do)."""
 
     def __init__(self, count: int, pool: datasets.Dataset, cfg: ClientConfig, seed: int, device: torch.device):
-        from fedtune.client.model import load_tokenizer
-
         self.cfg = cfg
         coins = np.random.default_rng([seed, GRADIENT_COINS]).random(count) < 0.5
         self.gradient = GradientCanaries(seed=seed, included=tuple(bool(c) for c in coins))
